@@ -1,0 +1,34 @@
+"""Shared test set-up: float64 everywhere, and the reference data in ../shared."""
+
+import os
+from pathlib import Path
+
+import jax
+import pytest
+
+jax.config.update("jax_enable_x64", True)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("JAXSPEC_SHARED", REPO.parent / "shared"))
+PSF_DIR = SHARED / "data" / "psf"
+REF_DIR = SHARED / "reference"
+
+
+def shared_file(*parts: str) -> Path:
+    """Path of a file under ../shared, skipping the test cleanly when it is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"reference data not available: {path}")
+    return path
+
+
+@pytest.fixture
+def psf_path():
+    """Factory: path of a PSF file in ../shared/data/psf (skips when absent)."""
+    return lambda name: shared_file("data", "psf", name)
+
+
+@pytest.fixture
+def ref_path():
+    """Factory: path of a reference file in ../shared/reference (skips when absent)."""
+    return lambda name: shared_file("reference", name)
