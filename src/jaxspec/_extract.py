@@ -1,0 +1,338 @@
+"""Extraction of a (sub-)image: geometry, projection, batched solve, stitching.
+
+``extract`` cuts the requested fibers x wavelengths into patches on the host
+(:mod:`jaxspec._geometry`), then runs every patch through one jit-compiled,
+vmapped function (spots -> normal equations -> Cholesky solve -> decorrelation ->
+diagnostics) in chunks of patches, and stitches the patch centres into the output
+arrays on the device.  The compiled function depends only on static shapes, so a
+second frame of the same shape does not recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from ._geometry import PatchGeometry, patch_geometry
+from ._projection import gather_box, model_box, normal_equations, pixel_diagnostics
+from .psf import PSF
+from .solve import solve_patch
+
+
+class Extraction(eqx.Module):
+    """Extracted spectra of fibers ``specmin .. specmin + nspec - 1``.
+
+    Attributes:
+        wave: (nwave,) wavelength grid [A].
+        flux: (nspec, nwave) decorrelated flux [photons / A].
+        ivar: (nspec, nwave) inverse variance of ``flux`` [(photons / A)^-2]; 0 where
+            no unmasked pixel constrains the bin.
+        resolution: (nspec, 2 ndiag + 1, nwave) resolution-matrix diagonals, DESI
+            convention (row d holds offset ndiag - d).
+        xflux: (nspec, nwave) undecorrelated (deconvolved) flux [photons / A].
+        chi2pix: (nspec, nwave) reduced chi2 of the pixels each bin touches.
+        pixmask_fraction: (nspec, nwave) fraction of each bin's spot on masked pixels.
+        model: model image (same shape as the input image) or None.
+        specmin: first fiber.
+    """
+
+    wave: Float[Array, " nwave"]
+    flux: Float[Array, "nspec nwave"]
+    ivar: Float[Array, "nspec nwave"]
+    resolution: Float[Array, "nspec ndiag2 nwave"]
+    xflux: Float[Array, "nspec nwave"]
+    chi2pix: Float[Array, "nspec nwave"]
+    pixmask_fraction: Float[Array, "nspec nwave"]
+    model: Float[Array, "ny nx"] | None
+    specmin: int = eqx.field(static=True)
+
+    @property
+    def nspec(self) -> int:
+        """Number of fibers."""
+        return int(self.flux.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything the compiled patch function specializes on."""
+
+    nfiber: int
+    nbin: int
+    box: tuple[int, int]  # margin box (NY + 2 ny, NX + 2 nx)
+    band: int
+    ndiag: int
+    decorrelate: str
+
+
+def _round_up(n: int, m: int) -> int:
+    return int(m * math.ceil(n / m))
+
+
+def _patch_inputs(geom: PatchGeometry, origin: tuple[int, int], margin: tuple[int, int], nbin: int) -> dict[str, np.ndarray]:
+    """Per-patch index arrays (host) consumed by the compiled function."""
+    p = geom.npatch
+    k = np.arange(nbin)[None, :]
+    wave_idx = geom.wave_start[:, None] + k
+    wave_ok = (k < geom.nwave_patch[:, None]) & (wave_idx < len(geom.wave_ext))
+    wave_idx = np.where(wave_ok, wave_idx, 0)
+    oy, ox = origin
+    my, mx = margin
+    box = geom.box
+    # margin-box origin in canvas coordinates, and the real box inside it
+    y0 = box[:, 2] - oy - my
+    x0 = box[:, 0] - ox - mx
+    return dict(
+        fibers=geom.fibers,
+        fiber_valid=geom.fiber_valid,
+        wave=geom.wave_ext[wave_idx],
+        wave_valid=wave_ok,
+        y0=y0.astype(np.int32),
+        x0=x0.astype(np.int32),
+        box_ny=(box[:, 3] - box[:, 2]).astype(np.int32),
+        box_nx=(box[:, 1] - box[:, 0]).astype(np.int32),
+        box_ylo=box[:, 2].astype(np.int32),
+        box_xlo=box[:, 0].astype(np.int32),
+    )
+
+
+def _solve_one_patch(psf: PSF, image, ivar, inputs, regularize, minweight_frac, psferr, static: _Static):
+    """Spots -> normal equations -> solve -> diagnostics for one patch."""
+    ny, nx = psf.stamp_shape
+    nbox_y, nbox_x = static.box
+    with jax.named_scope("spots"):
+        fibers = inputs["fibers"][:, None]
+        wave = inputs["wave"][None, :]
+        xmin, ymin, stamps = psf.spots(fibers, wave)
+        valid = inputs["fiber_valid"][:, None] & inputs["wave_valid"][None, :]
+        stamps = jnp.where(valid[..., None, None], stamps, 0.0)
+        # corners in margin-box coordinates; a far-away spot is parked in the margin
+        cy = jnp.clip(ymin - inputs["box_ylo"] + ny, 0, nbox_y - ny)
+        cx = jnp.clip(xmin - inputs["box_xlo"] + nx, 0, nbox_x - nx)
+        far = (ymin - inputs["box_ylo"] + ny != cy) | (xmin - inputs["box_xlo"] + nx != cx)
+        stamps = jnp.where(far[..., None, None], 0.0, stamps)
+    with jax.named_scope("pixels"):
+        img = gather_box(image, inputs["y0"], inputs["x0"], static.box)
+        iv = gather_box(ivar, inputs["y0"], inputs["x0"], static.box)
+        rows = jnp.arange(nbox_y)[:, None]
+        cols = jnp.arange(nbox_x)[None, :]
+        inside = (rows >= ny) & (rows < ny + inputs["box_ny"]) & (cols >= nx) & (cols < nx + inputs["box_nx"])
+        iv = jnp.where(inside, iv, 0.0)
+        img = jnp.where(inside, img, 0.0)
+    with jax.named_scope("normal_equations"):
+        q, y, fluxweight = normal_equations(stamps, cy, cx, valid, img, iv, static.band)
+    with jax.named_scope("solve"):
+        sol = solve_patch(
+            q, y, fluxweight, valid.reshape(-1), static.nfiber, static.nbin, static.ndiag,
+            decorrelate=static.decorrelate, regularize=regularize, minweight_frac=minweight_frac,
+        )
+    with jax.named_scope("diagnostics"):
+        model = model_box(stamps, cy, cx, sol.xflux, static.box)
+        chi2pix, pixmask = pixel_diagnostics(stamps, cy, cx, img, iv, model, psferr)
+    return dict(
+        flux=sol.flux, ivar=sol.ivar, resolution=sol.resolution, xflux=sol.xflux,
+        chi2pix=chi2pix, pixmask_fraction=pixmask,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("static",))
+def _solve_chunk(psf, image, ivar, inputs, regularize, minweight_frac, psferr, static):
+    fn = functools.partial(_solve_one_patch, static=static)
+    return jax.vmap(fn, in_axes=(None, None, None, 0, None, None, None))(
+        psf, image, ivar, inputs, regularize, minweight_frac, psferr
+    )
+
+
+def _canvas(image, ivar, xyrange, geom: PatchGeometry, psf: PSF):
+    """Place the (sub-)image on a zero-padded canvas that holds every margin box."""
+    ny, nx = psf.stamp_shape
+    nby, nbx = geom.box_shape
+    box = geom.box
+    ih, iw = image.shape
+    if xyrange is None:
+        xyrange = (0, iw, 0, ih)
+    xmin, xmax, ymin, ymax = (int(v) for v in xyrange)
+    if (ymax - ymin, xmax - xmin) != (ih, iw):
+        raise ValueError(
+            f"xyrange {xyrange} describes a {ymax - ymin} x {xmax - xmin} image but image is {ih} x {iw}"
+        )
+    oy = min(ymin, int(box[:, 2].min())) - ny
+    ox = min(xmin, int(box[:, 0].min())) - nx
+    hy = max(ymax, int(box[:, 2].max()) + nby) + 2 * ny - oy
+    hx = max(xmax, int(box[:, 0].max()) + nbx) + 2 * nx - ox
+    good = jnp.isfinite(image) & jnp.isfinite(ivar) & (ivar > 0)
+    img = jnp.zeros((hy, hx), image.dtype).at[ymin - oy:ymax - oy, xmin - ox:xmax - ox].set(jnp.where(good, image, 0.0))
+    ivr = jnp.zeros((hy, hx), image.dtype).at[ymin - oy:ymax - oy, xmin - ox:xmax - ox].set(jnp.where(good, ivar, 0.0))
+    return img, ivr, (oy, ox)
+
+
+def _as_array(a):
+    """A JAX array of ``a`` (NumPy arrays of any byte order, e.g. from FITS, converted)."""
+    if isinstance(a, np.ndarray) or not hasattr(a, "dtype"):
+        a = np.asarray(a)
+        a = a.astype(a.dtype.newbyteorder("="), copy=False) if a.dtype.byteorder not in ("=", "|") else a
+    return jnp.asarray(a)
+
+
+def default_chunk_size() -> int:
+    """Patches per compiled call: larger on accelerators, modest on CPUs."""
+    return 512 if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else 64
+
+
+def extract(
+    image: Float[Array, "ny nx"],
+    ivar: Float[Array, "ny nx"],
+    psf: PSF,
+    wave: Float[Array, " nwave"],
+    specmin: int = 0,
+    nspec: int = 25,
+    xyrange: tuple[int, int, int, int] | None = None,
+    bundlesize: int = 25,
+    nsubbundles: int = 5,
+    wavesize: int = 50,
+    wavepad_frac: float = 0.2,
+    pixpad_frac: float = 0.8,
+    regularize: float = 0.0,
+    decorrelate: str = "signal",
+    psferr: float | None = None,
+    model: bool = False,
+    minweight_frac: float = 1e-4,
+    chunk_size: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Extraction:
+    """Spectro-perfectionism extraction of fibers ``specmin .. specmin+nspec-1``.
+
+    Args:
+        image: (ny, nx) pixel values [photons]; a sub-image of the CCD when
+            ``xyrange`` is given.
+        ivar: (ny, nx) pixel inverse variances; 0 marks bad pixels.
+        psf: the PSF model.
+        wave: (nwave,) linear wavelength grid [A].
+        specmin, nspec: fibers to extract (nspec a multiple of ``bundlesize``).
+        xyrange: ``(xmin, xmax, ymin, ymax)``: where ``image[0, 0]`` sits on the
+            CCD (pixel (xmin, ymin)); None for a full-CCD image.
+        bundlesize, nsubbundles, wavesize, wavepad_frac, pixpad_frac: patch
+            geometry, as the established code (see :func:`patch_geometry`).
+        regularize: extra diagonal regularisation of every bin.
+        decorrelate: ``"signal"`` (per fiber, default) or ``"full"`` (whole patch).
+        psferr: fractional PSF error used in chi2pix (default: the PSF's).
+        model: also return the model image ``A xflux``.
+        minweight_frac: bins with a pixel weight below this fraction of the
+            patch's largest are regularised toward zero.
+        chunk_size: patches per compiled call (default by backend).
+        progress: optional callback ``progress(done, total)`` after each chunk.
+
+    Returns:
+        An :class:`Extraction`.
+    """
+    if decorrelate not in ("signal", "full"):
+        raise ValueError(f"decorrelate must be 'signal' or 'full', not {decorrelate!r}")
+    image = _as_array(image)
+    ivar = _as_array(ivar)
+    if image.ndim != 2 or image.shape != ivar.shape:
+        raise ValueError(f"image {image.shape} and ivar {ivar.shape} must be 2D arrays of one shape")
+    geom = patch_geometry(
+        psf, np.asarray(wave), specmin, nspec, bundlesize, nsubbundles, wavesize, wavepad_frac, pixpad_frac
+    )
+    return extract_patches(
+        image, ivar, psf, geom, xyrange=xyrange, regularize=regularize, decorrelate=decorrelate,
+        psferr=psferr, model=model, minweight_frac=minweight_frac, chunk_size=chunk_size, progress=progress,
+    )
+
+
+def extract_patches(
+    image, ivar, psf: PSF, geom: PatchGeometry, xyrange=None, regularize=0.0, decorrelate="signal",
+    psferr=None, model=False, minweight_frac=1e-4, chunk_size=None, progress=None,
+) -> Extraction:
+    """Run the patches of ``geom`` on ``image`` and stitch them (see :func:`extract`)."""
+    ny, nx = psf.stamp_shape
+    psferr = psf.psferr if psferr is None else float(psferr)
+    canvas_img, canvas_ivar, origin = _canvas(image, ivar, xyrange, geom, psf)
+    nbin = _round_up(geom.nbin, 4)
+    static = _Static(
+        nfiber=geom.nfiber,
+        nbin=nbin,
+        box=(_round_up(geom.box_shape[0], 8) + 2 * ny, _round_up(geom.box_shape[1], 8) + 2 * nx),
+        band=geom.band,
+        ndiag=geom.ndiag,
+        decorrelate=decorrelate,
+    )
+    # keep every margin box inside the canvas
+    pad_y = max(0, static.box[0] - (geom.box_shape[0] + 2 * ny))
+    pad_x = max(0, static.box[1] - (geom.box_shape[1] + 2 * nx))
+    canvas_img = jnp.pad(canvas_img, ((0, pad_y + ny), (0, pad_x + nx)))
+    canvas_ivar = jnp.pad(canvas_ivar, ((0, pad_y + ny), (0, pad_x + nx)))
+    inputs = _patch_inputs(geom, origin, (ny, nx), nbin)
+
+    npatch = geom.npatch
+    chunk = min(chunk_size or default_chunk_size(), npatch)
+    nchunk = -(-npatch // chunk)
+    dtype = canvas_img.dtype
+    nwave = len(geom.wave)
+    nout = geom.nspec * nwave
+    out = {
+        name: jnp.zeros((nout,), dtype)
+        for name in ("flux", "ivar", "xflux", "chi2pix", "pixmask_fraction")
+    }
+    out["resolution"] = jnp.zeros((2 * geom.ndiag + 1, nout), dtype)
+    targets = _stitch_targets(geom, nbin)
+
+    for c in range(nchunk):
+        sel = np.arange(c * chunk, (c + 1) * chunk) % npatch  # last chunk wraps: same shape
+        res = _solve_chunk(
+            psf, canvas_img, canvas_ivar, {k: jnp.asarray(v[sel]) for k, v in inputs.items()},
+            regularize, minweight_frac, psferr, static,
+        )
+        tgt = targets[sel].copy()
+        if (c + 1) * chunk > npatch:  # wrapped patches were stitched already
+            tgt[npatch - c * chunk:] = nout
+        tgt = jnp.asarray(tgt.reshape(-1))
+        for name in out:
+            if name == "resolution":
+                vals = jnp.moveaxis(res[name], 2, 0).reshape(2 * geom.ndiag + 1, -1)
+                out[name] = out[name].at[:, tgt].set(vals, mode="drop")
+            else:
+                out[name] = out[name].at[tgt].set(res[name].reshape(-1), mode="drop")
+        if progress is not None:
+            progress(min((c + 1) * chunk, npatch), npatch)
+
+    shape = (geom.nspec, nwave)
+    dw = np.gradient(geom.wave)
+    flux = out["flux"].reshape(shape) / dw
+    ivar_out = out["ivar"].reshape(shape) * dw**2
+    xflux = out["xflux"].reshape(shape) / dw
+    resolution = out["resolution"].reshape(2 * geom.ndiag + 1, *shape).transpose(1, 0, 2)
+    model_img = None
+    if model:
+        from ._project import project
+
+        model_img = project(psf, geom.wave, xflux * dw, specmin=geom.specmin, xyrange=xyrange if xyrange is not None else (0, image.shape[1], 0, image.shape[0]))
+    return Extraction(
+        wave=jnp.asarray(geom.wave),
+        flux=flux,
+        ivar=ivar_out,
+        resolution=resolution,
+        xflux=xflux,
+        chi2pix=out["chi2pix"].reshape(shape),
+        pixmask_fraction=out["pixmask_fraction"].reshape(shape),
+        model=model_img,
+        specmin=geom.specmin,
+    )
+
+
+def _stitch_targets(geom: PatchGeometry, nbin: int) -> np.ndarray:
+    """(P, F, K) flat output index of every patch unknown, or an out-of-range index to drop."""
+    nwave = len(geom.wave)
+    nout = geom.nspec * nwave
+    k = np.arange(nbin)[None, None, :]
+    local = k - geom.keep_lo[:, None, None]
+    kept = (local >= 0) & (local < geom.keep_n[:, None, None]) & (geom.out_fiber[:, :, None] >= 0)
+    idx = geom.out_fiber[:, :, None] * nwave + geom.out_wave[:, None, None] + local
+    return np.where(kept, idx, nout).astype(np.int64)

@@ -1,0 +1,74 @@
+"""Regularisation of one patch's normal equations, following specter's ``ex2d_patch``.
+
+specter extends the projection matrix ``A`` with an identity block whose diagonal
+``Idiag`` is ``regularize`` for every flux bin, replaced by ``minweight - fluxweight``
+for bins whose ``fluxweight`` (column sum of ``W A``) is below
+``minweight = minweight_frac * max(fluxweight)``; the extra rows have weight 1 and
+zero data.  The normal matrix therefore gains ``Idiag**2`` on its diagonal (both
+terms squared) and ``y`` is unchanged.  gpu_specter instead adds ``regularize**2``
+or the *unsquared* ``minweight - fluxweight``; ``square_lowweight=False`` selects
+that convention.  specter uses ``minweight_frac = 0.01`` (gpu_specter ``1e-4``).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Bool, Float
+
+__all__ = ["regularize_normal", "SPECTER_MINWEIGHT_FRAC"]
+
+#: ``minweight = 0.01 * max(fluxweight)`` in specter's ``ex2d_patch``.
+SPECTER_MINWEIGHT_FRAC = 0.01
+
+
+def regularize_normal(
+    Q: Float[Array, "n n"],
+    fluxweight: Float[Array, " n"],
+    valid: Bool[Array, " n"],
+    regularize: float | Float[ArrayLike, ""] = 0.0,
+    minweight_frac: float | Float[ArrayLike, ""] = SPECTER_MINWEIGHT_FRAC,
+    square_lowweight: bool = True,
+) -> Float[Array, "n n"]:
+    """Regularised, symmetrised normal matrix of one patch, padding decoupled.
+
+    Args:
+        Q: ``A^T W A`` (n, n), symmetric positive semi-definite.
+        fluxweight: column sums of ``W A`` (n,).
+        valid: (n,) True for real unknowns, False for padding.
+        regularize: specter's ``regularize``; ``regularize**2`` is added to every
+            real bin that is not low-weight.
+        minweight_frac: low-weight bins are those with
+            ``fluxweight < minweight_frac * max(fluxweight[valid])``.
+        square_lowweight: static; True (specter) adds ``(minweight - fluxweight)**2``
+            to low-weight bins, False (gpu_specter) adds ``minweight - fluxweight``.
+
+    Returns:
+        (n, n) matrix equal to specter's ``iCov`` on the real unknowns.  Padding
+        rows/columns are zero except a diagonal equal to the largest real
+        diagonal (so eigenvalue-clipping thresholds of real unknowns are
+        unchanged).  Real bins still without any diagonal (a patch with no
+        weight at all) get the same value, making the matrix positive definite.
+    """
+    Q = jnp.asarray(Q)
+    dtype = Q.dtype
+    fluxweight = jnp.asarray(fluxweight, dtype)
+    valid = jnp.asarray(valid, bool)
+    Q = 0.5 * (Q + Q.T)
+
+    maxweight = jnp.max(jnp.where(valid, fluxweight, 0.0))
+    minweight = minweight_frac * maxweight
+    low = valid & (fluxweight < minweight)
+    lowterm = minweight - fluxweight
+    if square_lowweight:
+        lowterm = lowterm * lowterm
+    extra = jnp.where(low, lowterm, jnp.asarray(regularize, dtype) ** 2)
+    extra = jnp.where(valid, extra, 0.0)
+
+    pair = valid[:, None] & valid[None, :]
+    Q = jnp.where(pair, Q, 0.0)
+    diag = jnp.diagonal(Q) + extra
+    dmax = jnp.max(jnp.where(valid, diag, 0.0))
+    dmax = jnp.where(dmax > 0, dmax, jnp.ones_like(dmax))
+    newdiag = jnp.where(valid & (diag > 0), diag, dmax)
+    idx = jnp.arange(Q.shape[0])
+    return Q.at[idx, idx].set(newdiag)

@@ -1,0 +1,94 @@
+"""One-call solve of a single patch: regularise, Cholesky-solve, decorrelate, band."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Bool, Float
+
+from ._cholesky import cholesky_factor, cholesky_solve
+from ._decorrelate import decorrelate_full, decorrelate_signal
+from ._normal import SPECTER_MINWEIGHT_FRAC, regularize_normal
+from ._resolution import resolution_diagonals
+
+__all__ = ["PatchSolution", "solve_patch"]
+
+
+class PatchSolution(eqx.Module):
+    """Result of ``solve_patch`` for one patch (add a leading batch axis under vmap).
+
+    Attributes:
+        flux: (nspec, nwave) decorrelated flux ``R xflux``.
+        ivar: (nspec, nwave) inverse variance of ``flux``; 0 for padding and for
+            bins with no weight at all (``fluxweight == 0``).
+        resolution: (nspec, 2*ndiag+1, nwave) diagonals of each fiber's block of R
+            (see ``resolution_diagonals``).
+        xflux: (nspec, nwave) undecorrelated solution ``Q^{-1} y``.
+
+    Padding bins come out with flux 0, ivar 0 and an identity row of R (1 on the
+    central diagonal); bins with ``fluxweight == 0`` are constrained to 0 by the
+    low-weight term, so their flux is finite (0 for ``y == 0``) and ivar is 0.
+    """
+
+    flux: Float[Array, "nspec nwave"]
+    ivar: Float[Array, "nspec nwave"]
+    resolution: Float[Array, "nspec ndiag2 nwave"]
+    xflux: Float[Array, "nspec nwave"]
+
+
+def solve_patch(
+    Q: Float[Array, "n n"],
+    y: Float[Array, " n"],
+    fluxweight: Float[Array, " n"],
+    valid: Bool[Array, " n"],
+    nspec: int,
+    nwave: int,
+    ndiag: int,
+    decorrelate: str = "signal",
+    regularize: float | Float[ArrayLike, ""] = 0.0,
+    minweight_frac: float | Float[ArrayLike, ""] = SPECTER_MINWEIGHT_FRAC,
+    square_lowweight: bool = True,
+    threshold: float | None = None,
+    method: str = "eigh",
+) -> PatchSolution:
+    """Extract one patch from its normal equations, as specter's ``ex2d_patch``.
+
+    Args:
+        Q: ``A^T W A`` (n, n), n = nspec*nwave, fiber-major unknowns.
+        y: ``A^T W p`` (n,).
+        fluxweight: column sums of ``W A`` (n,).
+        valid: (n,) False marks padding unknowns (decoupled; real results unchanged).
+        nspec, nwave, ndiag: static shapes; ``ndiag`` half-width of the resolution band.
+        decorrelate: static, ``"signal"`` (per-fiber, specter default) or ``"full"``
+            (whole patch, specter ``ndecorr=True``).
+        regularize, minweight_frac, square_lowweight: see ``regularize_normal``.
+        threshold, method: static, eigenvalue clipping threshold and matrix
+            function method (``"eigh"`` or ``"newton_schulz"``), see ``sqrtm_sym``.
+
+    Returns:
+        ``PatchSolution`` with flux, ivar, resolution, xflux.
+    """
+    n = nspec * nwave
+    if Q.shape != (n, n):
+        raise ValueError(f"Q has shape {Q.shape}, expected {(n, n)}")
+    if decorrelate not in ("signal", "full"):
+        raise ValueError(f"decorrelate must be 'signal' or 'full', not {decorrelate!r}")
+    valid = jnp.asarray(valid, bool)
+    Qr = regularize_normal(Q, fluxweight, valid, regularize, minweight_frac, square_lowweight)
+    y = jnp.where(valid, jnp.asarray(y, Qr.dtype), 0.0)
+    L = cholesky_factor(Qr)
+    xflux = cholesky_solve(L, y)
+
+    if decorrelate == "signal":
+        flux, ivar, Rblocks = decorrelate_signal(L, xflux, nspec, nwave, threshold, method)
+    else:
+        flux, ivar, R = decorrelate_full(Qr, xflux, threshold, method)
+        flux, ivar = flux.reshape(nspec, nwave), ivar.reshape(nspec, nwave)
+        R4 = R.reshape(nspec, nwave, nspec, nwave)
+        Rblocks = jnp.diagonal(R4, axis1=0, axis2=2).transpose(2, 0, 1)
+
+    live = (valid & (jnp.asarray(fluxweight) > 0)).reshape(nspec, nwave)
+    ivar = jnp.where(live, ivar, 0.0)
+    resolution = jax.vmap(lambda Rb: resolution_diagonals(Rb, ndiag))(Rblocks)
+    return PatchSolution(flux=flux, ivar=ivar, resolution=resolution, xflux=xflux.reshape(nspec, nwave))

@@ -1,0 +1,122 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxspec.psf import GaussHermitePSF, desi_like_psf, read_psf
+
+CASES = [
+    ("psf-r0-00067784.fits", "specter-spots-r0-67784.npz"),
+    ("psf-r0-00051060.fits", "specter-spots-r0-51060.npz"),
+    ("psf-gausshermite-v2-specter-test.fits", "specter-spots-gausshermite-v2.npz"),
+]
+
+
+@pytest.mark.parametrize("psfname,refname", CASES)
+def test_matches_specter(psf_path, ref_path, psfname, refname):
+    psf = read_psf(psf_path(psfname))
+    ref = np.load(ref_path(refname))
+    assert isinstance(psf, GaussHermitePSF)
+    ispec, wave = ref["ispec"], ref["wave"]
+    np.testing.assert_allclose(psf.x(ispec, wave), ref["x"], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(psf.y(ispec, wave), ref["y"], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(
+        psf.wavelength(ispec, ref["y_query"]), ref["wave_of_y"], rtol=0, atol=1e-9
+    )
+    xmin, ymin, spots = psf.spots(ispec, wave)
+    assert spots.shape == ref["spots"].shape
+    np.testing.assert_array_equal(xmin, ref["xmin"])
+    np.testing.assert_array_equal(ymin, ref["ymin"])
+    np.testing.assert_allclose(spots, ref["spots"], rtol=0, atol=1e-12)
+
+
+def test_v2_has_tails(psf_path):
+    psf = read_psf(psf_path("psf-gausshermite-v2-specter-test.fits"))
+    assert psf.has_tails and psf.stamp_shape == (17, 29)
+    assert float(psf.param("TAILAMP", 3, 6000.0)) != 0.0
+
+
+def test_metadata_and_ysigma(psf_path):
+    psf = read_psf(psf_path("psf-r0-00067784.fits"))
+    assert (psf.nspec, psf.npix_x, psf.npix_y, psf.hsizex, psf.hsizey) == (500, 4114, 4128, 8, 5)
+    assert psf.psferr == 0.01 and psf.ghdegx == 6 and psf.ghdegy == 6
+    assert psf.wmin < psf.wmin_all < 5760 and 7620 < psf.wmax_all < psf.wmax
+    np.testing.assert_allclose(psf.ysigma(10, 6000.0), psf.param("GHSIGY", 10, 6000.0))
+    w = psf.wavelength(np.arange(500), -0.5)
+    assert abs(float(w.min()) - psf.wmin) < 1e-9
+
+
+def test_batch_shapes_and_normalisation():
+    psf = desi_like_psf(nspec=30)
+    ispec = jnp.arange(30)[:, None, None]
+    wave = jnp.linspace(5610.0, 5790.0, 8).reshape(1, 2, 4)
+    xmin, ymin, st = psf.spots(ispec, wave)
+    assert xmin.shape == (30, 2, 4) and st.shape == (30, 2, 4, 11, 17)
+    np.testing.assert_allclose(st.sum(axis=(-2, -1)), 1.0, atol=1e-13)
+    assert float(st.min()) >= 0.0
+    # scalar call
+    _, _, s1 = psf.spots(3, 5700.0)
+    assert s1.shape == (11, 17)
+    np.testing.assert_allclose(s1, st[3, 0, 0] * 0 + psf.spots(3, 5700.0)[2], atol=0)
+
+
+def test_desi_like_geometry():
+    psf = desi_like_psf(nspec=50, wmin=5600.0, wmax=5800.0)
+    x = np.asarray(psf.x(np.arange(50), 5700.0))
+    d = np.diff(x)
+    np.testing.assert_allclose(d[:24], 7.4, atol=0.05)
+    assert d[24] > 10.0  # bundle gap
+    dwdy = psf.angstroms_per_pixel(10, 5700.0)
+    assert 0.5 < float(dwdy) < 0.6
+    assert psf.wmin < 5600.0 and psf.wmax > 5800.0
+    sx = float(psf.param("GHSIGX", 10, 5700.0))
+    sy = float(psf.param("GHSIGY", 10, 5700.0))
+    assert 1.0 <= sx <= 1.1 and 1.1 <= sy <= 1.3
+    psf.check_wavelengths([5600.0, 5800.0])
+    with pytest.raises(ValueError, match="outside"):
+        psf.check_wavelengths([5000.0])
+
+
+def test_jit_vmap_grad():
+    psf = desi_like_psf(nspec=10)
+    f = jax.jit(lambda p, w: p.spots(jnp.arange(10), w)[2])
+    np.testing.assert_allclose(f(psf, 5700.0), psf.spots(jnp.arange(10), 5700.0)[2], atol=1e-15)
+    v = jax.vmap(lambda w: psf.spots(2, w)[2])(jnp.linspace(5650, 5750, 3))
+    assert v.shape == (3, 11, 17)
+
+    def loss(params, xcoef):
+        p = eqx_replace(psf, params, xcoef)
+        return jnp.sum(p.spots(jnp.arange(10), 5700.3)[2] ** 2)
+
+    g = jax.grad(loss, argnums=(0, 1))(psf.params, psf.xcoef)
+    assert all(np.all(np.isfinite(a)) for a in g)
+    assert float(jnp.abs(g[0]).sum()) > 0 and float(jnp.abs(g[1]).sum()) > 0
+
+
+def eqx_replace(psf, params, xcoef):
+    import equinox as eqx
+
+    return eqx.tree_at(lambda p: (p.params, p.xcoef), psf, (params, xcoef))
+
+
+def test_with_traces_refits_inverse():
+    psf = desi_like_psf(nspec=5)
+    p2 = psf.with_traces(ycoef=psf.ycoef.at[:, 0].add(3.0))
+    w = jnp.array([5650.0, 5750.0])
+    y = p2.y(1, w)
+    np.testing.assert_allclose(p2.wavelength(1, y), w, atol=1e-6)
+    np.testing.assert_allclose(y - psf.y(1, w), 3.0, atol=1e-12)
+
+
+def test_from_arrays_validation():
+    psf = desi_like_psf(nspec=3)
+    with pytest.raises(ValueError, match="missing"):
+        GaussHermitePSF.from_arrays(
+            psf.xcoef, psf.ycoef, psf.params[:1], ["GHSIGX"], xdomain=psf.xdomain,
+            hsizex=8, hsizey=5, npix_x=100, npix_y=500,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="shape"):
+        GaussHermitePSF.from_arrays(
+            psf.xcoef, psf.ycoef, psf.params, ["GHSIGX"], xdomain=psf.xdomain,
+            hsizex=8, hsizey=5, npix_x=100, npix_y=500,
+        )  # fmt: skip
