@@ -263,11 +263,11 @@ def cmd_demo(args) -> int:
 
     t0 = time.perf_counter()
     nspec = 25
-    psf = desi_like_psf(nspec=nspec)
-    wave = np.arange(6000.0, 6000.0 + 0.8 * 300, 0.8)
+    wave = 5600.0 + 0.8 * np.arange(300)
+    psf = desi_like_psf(nspec=nspec, wmin=wave[0] - 10, wmax=wave[-1] + 10)
     flux = continuum_and_lines(wave, nspec, np.random.default_rng(args.seed))
-    xyrange = psf.xyrange((0, nspec), (wave[0] - 20, wave[-1] + 20))
-    image, ivar, truth_model = simulate(psf, wave, flux, xyrange=xyrange, readnoise=3.0, seed=args.seed)
+    xyrange = (0, psf.npix_x, 0, psf.npix_y)
+    image, ivar, _ = simulate(psf, wave, flux, readnoise=3.0, seed=args.seed)
     image, ivar = np.asarray(image), np.asarray(ivar)
     _frameio.write_preproc(
         preproc_path, image, ivar, header={"CAMERA": "r0", "FLAVOR": "science"},

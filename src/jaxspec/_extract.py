@@ -206,6 +206,7 @@ def extract(
     minweight_frac: float = 1e-4,
     chunk_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    solve_chunk: Callable | None = None,
 ) -> Extraction:
     """Spectro-perfectionism extraction of fibers ``specmin .. specmin+nspec-1``.
 
@@ -228,6 +229,8 @@ def extract(
             patch's largest are regularised toward zero.
         chunk_size: patches per compiled call (default by backend).
         progress: optional callback ``progress(done, total)`` after each chunk.
+        solve_chunk: replacement for the compiled chunk solver (e.g. sharded over
+            devices, see :mod:`jaxspec._distribute`).
 
     Returns:
         An :class:`Extraction`.
@@ -244,14 +247,20 @@ def extract(
     return extract_patches(
         image, ivar, psf, geom, xyrange=xyrange, regularize=regularize, decorrelate=decorrelate,
         psferr=psferr, model=model, minweight_frac=minweight_frac, chunk_size=chunk_size, progress=progress,
+        solve_chunk=solve_chunk,
     )
 
 
 def extract_patches(
     image, ivar, psf: PSF, geom: PatchGeometry, xyrange=None, regularize=0.0, decorrelate="signal",
-    psferr=None, model=False, minweight_frac=1e-4, chunk_size=None, progress=None,
+    psferr=None, model=False, minweight_frac=1e-4, chunk_size=None, progress=None, solve_chunk=None,
 ) -> Extraction:
-    """Run the patches of ``geom`` on ``image`` and stitch them (see :func:`extract`)."""
+    """Run the patches of ``geom`` on ``image`` and stitch them (see :func:`extract`).
+
+    ``solve_chunk`` replaces the compiled chunk solver (same signature as
+    :func:`_solve_chunk`), e.g. by one sharded over several devices.
+    """
+    solve_chunk = _solve_chunk if solve_chunk is None else solve_chunk
     ny, nx = psf.stamp_shape
     psferr = psf.psferr if psferr is None else float(psferr)
     canvas_img, canvas_ivar, origin = _canvas(image, ivar, xyrange, geom, psf)
@@ -286,7 +295,7 @@ def extract_patches(
 
     for c in range(nchunk):
         sel = np.arange(c * chunk, (c + 1) * chunk) % npatch  # last chunk wraps: same shape
-        res = _solve_chunk(
+        res = solve_chunk(
             psf, canvas_img, canvas_ivar, {k: jnp.asarray(v[sel]) for k, v in inputs.items()},
             regularize, minweight_frac, psferr, static,
         )
