@@ -7,6 +7,9 @@ import jax
 import pytest
 
 jax.config.update("jax_enable_x64", True)
+# XLA:CPU's asynchronous dispatch can deadlock when eager ops are queued behind a
+# running compiled program (jax-ml/jax#25861; seen here with jax 0.10.2): run synchronously.
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("JAXSPEC_SHARED", REPO.parent / "shared"))
@@ -22,13 +25,13 @@ def shared_file(*parts: str) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def psf_path():
     """Factory: path of a PSF file in ../shared/data/psf (skips when absent)."""
     return lambda name: shared_file("data", "psf", name)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def ref_path():
     """Factory: path of a reference file in ../shared/reference (skips when absent)."""
     return lambda name: shared_file("reference", name)

@@ -547,3 +547,31 @@ def test_fibermap_without_fiber_column_warns(tmp_path):
     a = _frame_arrays(nspec=2, nwave=6, ndiag=3)
     with pytest.warns(FrameIOWarning, match="no FIBER column"):
         write_frame(tmp_path / "f.fits", fibermap=Table({"TARGETID": [1, 2]}), **a)
+
+
+def test_long_paths_and_options_without_card_warnings(tmp_path):
+    # paths longer than a card holds keep their full value (CONTINUE cards), with no
+    # "Card is too long" warning; the CLI's option names map to their keys
+    deep = tmp_path / ("long-directory-name-" * 4)
+    deep.mkdir()
+    a = _frame_arrays(nspec=2, nwave=6, ndiag=3)
+    inp = deep / "preproc-r0-00067784.fits"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_frame(deep / "frame.fits", input_path=inp, psf_path=deep / "psf.fits",
+                    options=dict(decorrelate="signal", psferr=0.01), **a)
+    h = read_frame(deep / "frame.fits").header
+    assert h["IN_IMG"] == str(inp) and len(h["IN_IMG"]) > 80
+    assert h["IN_PSF"] == str(deep / "psf.fits")
+    assert h["DECORREL"] == "signal" and h["PSFERR"] == 0.01
+
+
+def test_camera_keys(psf_path, tmp_path):
+    assert fio.header_camera({"CAMERA": "R0  "}) == "r0"
+    assert fio.header_camera(_header()) == "b1"
+    assert fio.header_camera({}) is None and fio.header_camera(None) is None
+    # the DESI PSF stores CAMERA as "'r0      '" in its PSF HDU
+    assert fio.psf_camera(psf_path("psf-r0-00067784.fits")) == "r0"
+    assert fio.psf_camera(tmp_path / "missing.fits") is None
+    (tmp_path / "junk.fits").write_text("junk")
+    assert fio.psf_camera(tmp_path / "junk.fits") is None

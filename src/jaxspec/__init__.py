@@ -6,7 +6,11 @@ The public API:
   :class:`TraceGaussianPSF`, :class:`GaussianPSF`, :func:`desi_like_psf` (also in
   :mod:`jaxspec.psf`).
 * Forward model: :func:`project`, :func:`simulate`.
-* Extraction: :func:`extract` -> :class:`Extraction`; :func:`patch_geometry`.
+* Extraction: :func:`extract` -> :class:`Extraction`; :func:`patch_geometry` and
+  :func:`extract_patches` (a fixed geometry, e.g. to differentiate through the PSF).
+* Calibration: :func:`simulate_arc`, :func:`simulate_flat`, :func:`arc_lines`,
+  :func:`fit_psf`, :func:`fit_psf_ccd`, :func:`flux_jacobian`,
+  :func:`propagate_psf_uncertainty`.
 * DESI files: :func:`read_preproc`, :func:`write_preproc`, :func:`read_frame`,
   :func:`write_frame`.
 * Linear algebra of one patch: :mod:`jaxspec.solve`.
@@ -16,7 +20,27 @@ Importing jaxspec never changes JAX's global configuration; enable float64 with
 """
 
 from . import psf, solve
-from ._extract import Extraction, extract
+from ._calib import (
+    CalibImage,
+    LineList,
+    arc_lines,
+    flat_spectrum,
+    read_lines,
+    simulate_arc,
+    simulate_flat,
+    write_lines,
+)
+from ._extract import Extraction, extract, extract_patches
+from ._fit import (
+    CalibPatch,
+    FitResult,
+    apply_psf_params,
+    calib_patch,
+    fit_psf,
+    fit_psf_ccd,
+    flux_jacobian,
+    propagate_psf_uncertainty,
+)
 from ._frameio import Frame, Preproc, read_frame, read_preproc, write_frame, write_preproc
 from ._geometry import PatchGeometry, patch_geometry
 from ._project import project, simulate
@@ -25,27 +49,44 @@ from .psf import GaussHermitePSF, GaussianPSF, PSF, TraceGaussianPSF, desi_like_
 from .solve import apply_resolution
 
 __all__ = [
+    "CalibImage",
+    "CalibPatch",
     "Extraction",
+    "FitResult",
     "Frame",
     "GaussHermitePSF",
     "GaussianPSF",
+    "LineList",
     "PSF",
     "PatchGeometry",
     "Preproc",
     "TraceGaussianPSF",
     "__version__",
+    "apply_psf_params",
     "apply_resolution",
+    "arc_lines",
+    "calib_patch",
     "desi_like_psf",
     "extract",
+    "extract_patches",
+    "fit_psf",
+    "fit_psf_ccd",
+    "flat_spectrum",
+    "flux_jacobian",
     "patch_geometry",
     "project",
+    "propagate_psf_uncertainty",
     "psf",
     "read_frame",
+    "read_lines",
     "read_preproc",
     "read_psf",
     "simulate",
+    "simulate_arc",
+    "simulate_flat",
     "solve",
     "write_frame",
+    "write_lines",
     "write_preproc",
     "write_psf",
 ]

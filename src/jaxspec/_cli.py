@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 
 from ._version import __version__
 
@@ -24,22 +25,54 @@ class UsageError(Exception):
 
 # ---------------------------------------------------------------- set-up
 def _setup(args: argparse.Namespace) -> None:
-    """Logging, device and float64: the CLI (never the library) sets JAX's config."""
+    """Logging, device and float64: the CLI (never the library) sets JAX's config.
+
+    jaxspec's own messages are shown from ``--loglevel`` up; other libraries' (JAX's
+    start-up chatter) only from WARNING, unless ``--loglevel DEBUG``.
+    """
     level = getattr(logging, str(getattr(args, "loglevel", "INFO")).upper(), logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.DEBUG if level <= logging.DEBUG else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    log.setLevel(level)
     device = getattr(args, "device", None)
     import jax
 
     if device == "cpu":
         jax.config.update("jax_platforms", "cpu")
-    elif device == "gpu":
-        jax.config.update("jax_platforms", "cuda")
+        # where JAX already started (in-process use), make the CPU the default device too
+        jax.config.update("jax_default_device", jax.devices("cpu")[0])
     jax.config.update("jax_enable_x64", True)
+    # XLA:CPU's asynchronous dispatch can deadlock when eager ops queue behind a running
+    # program (jax-ml/jax#25861); the CPU gains nothing from it here.
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
     if device == "gpu":
         try:
-            jax.devices("gpu")
-        except RuntimeError as err:  # pragma: no cover - depends on the machine
-            raise UsageError(f"--device gpu: no GPU is available to JAX ({err})") from None
+            gpus = jax.devices("gpu")
+        except Exception as err:  # RuntimeError, or an assertion inside JAX without any GPU plugin
+            raise UsageError(
+                f"--device gpu: no GPU is available to JAX ({type(err).__name__}: {err}); "
+                "install jax[cuda12] or use --device cpu"
+            ) from None
+        jax.config.update("jax_default_device", gpus[0])
+
+
+class _LogWarnings(warnings.catch_warnings):
+    """Inside: warnings (e.g. NaN pixels masked on read, every time) go to the jaxspec log."""
+
+    def __enter__(self):
+        out = super().__enter__()
+        from ._frameio import FrameIOWarning
+
+        warnings.simplefilter("always", FrameIOWarning)
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if category.__name__ == "FrameIOWarning":
+                log.warning("%s", message)
+            else:
+                log.warning("%s: %s", category.__name__, message)
+
+        warnings.showwarning = show
+        return out
 
 
 def _parse_wavelength(text: str | None):
@@ -83,7 +116,7 @@ class _Progress:
         if self.bar is None:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc=self.desc, unit="patch", leave=False)
+            self.bar = tqdm(total=total, desc=self.desc, unit="patch", leave=True, file=sys.stderr)
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
@@ -93,25 +126,72 @@ class _Progress:
 
 # ---------------------------------------------------------------- extract
 def _check_extract_options(args, psf) -> tuple[int, int]:
-    """Validate fibers and patch options against the PSF; return (specmin, nspec)."""
+    """Validate fibers and patch options against the PSF; return (specmin, nspec).
+
+    Every message names the option and says what to change.
+    """
     specmin = args.specmin
-    nspec = psf.nspec - specmin if args.nspec is None else args.nspec
     if specmin < 0 or specmin >= psf.nspec:
-        raise UsageError(f"--specmin {specmin}: the PSF has fibers 0..{psf.nspec - 1}")
+        raise UsageError(f"--specmin {specmin}: the PSF has fibers 0..{psf.nspec - 1}; choose a first fiber in that range")
+    nspec = psf.nspec - specmin if args.nspec is None else args.nspec
     if nspec < 1 or specmin + nspec > psf.nspec:
         raise UsageError(
-            f"--specmin {specmin} --nspec {nspec} asks for fibers up to {specmin + nspec - 1} "
-            f"but the PSF has fibers 0..{psf.nspec - 1}; lower --nspec"
+            f"--specmin {specmin} --nspec {nspec} asks for fibers {specmin}..{specmin + nspec - 1} "
+            f"but the PSF has fibers 0..{psf.nspec - 1}; use --nspec {psf.nspec - specmin} or less"
         )
-    if args.bundlesize < 1 or nspec % args.bundlesize:
-        raise UsageError(f"--nspec {nspec} must be a multiple of --bundlesize {args.bundlesize}")
-    if args.nsubbundles < 1 or args.bundlesize % args.nsubbundles:
-        raise UsageError(f"--bundlesize {args.bundlesize} must be a multiple of --nsubbundles {args.nsubbundles}")
+    if args.bundlesize < 1:
+        raise UsageError(f"--bundlesize {args.bundlesize}: must be a positive number of fibers (DESI: 25)")
+    if args.nsubbundles < 1:
+        raise UsageError(f"--nsubbundles {args.nsubbundles}: must be positive (DESI: 5)")
+    if nspec % args.bundlesize:
+        lo = max(args.bundlesize, nspec - nspec % args.bundlesize)
+        raise UsageError(
+            f"--nspec {nspec} must be a multiple of --bundlesize {args.bundlesize}; "
+            f"use --nspec {lo} or change --bundlesize"
+        )
+    if args.bundlesize % args.nsubbundles:
+        raise UsageError(
+            f"--bundlesize {args.bundlesize} must be a multiple of --nsubbundles {args.nsubbundles}; "
+            f"choose --nsubbundles among {[d for d in range(1, args.bundlesize + 1) if args.bundlesize % d == 0]}"
+        )
     if specmin % args.bundlesize:
         log.warning("--specmin %d does not start a bundle of %d fibers", specmin, args.bundlesize)
     if args.nwavestep < 1:
-        raise UsageError(f"--nwavestep must be positive, got {args.nwavestep}")
+        raise UsageError(f"--nwavestep {args.nwavestep}: must be a positive number of wavelength bins (default 50)")
+    for name in ("wavepad_frac", "pixpad_frac", "regularize", "psferr"):
+        value = getattr(args, name, None)
+        if value is not None and not (value >= 0 and value < float("inf")):
+            raise UsageError(f"--{name.replace('_', '-')} {value}: must be a finite number >= 0")
+    chunk = getattr(args, "chunk_size", None)
+    if chunk is not None and chunk < 1:
+        raise UsageError(f"--chunk-size {chunk}: must be a positive number of patches")
     return specmin, nspec
+
+
+def _same_file(a, b) -> bool:
+    a, b = os.path.abspath(os.fspath(a)), os.path.abspath(os.fspath(b))
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _pick_fibermap(fibermap, specmin: int, nspec: int, input):
+    """The FIBERMAP rows of fibers specmin..specmin+nspec-1 (desispec slices rows), or None."""
+    if fibermap is None:
+        return None
+    n = len(fibermap)
+    if n == nspec:
+        return fibermap
+    if n >= specmin + nspec:
+        return fibermap[specmin:specmin + nspec]
+    log.warning(
+        "FIBERMAP of %s has %d rows, too few for fibers %d..%d: the frame is written without FIBERMAP",
+        input, n, specmin, specmin + nspec - 1,
+    )
+    return None
 
 
 def extract_file(
@@ -122,6 +202,8 @@ def extract_file(
     """Extract one preproc file with one PSF file into a DESI frame file.
 
     The function behind ``jaxspec extract`` (and each frame of ``extract-batch``).
+    Everything that can be checked is checked before the extraction starts: the
+    output paths, the options against the PSF, the input file and its HDUs.
     Returns a dict with the output path, the number of spectra and the seconds spent.
     """
     import numpy as np
@@ -131,27 +213,55 @@ def extract_file(
     from .psf import read_psf
 
     ns = argparse.Namespace(
-        specmin=specmin, nspec=nspec, bundlesize=bundlesize, nsubbundles=nsubbundles, nwavestep=nwavestep
+        specmin=specmin, nspec=nspec, bundlesize=bundlesize, nsubbundles=nsubbundles, nwavestep=nwavestep,
+        wavepad_frac=wavepad_frac, pixpad_frac=pixpad_frac, regularize=regularize, psferr=psferr,
+        chunk_size=chunk_size,
     )
+    if decorrelate not in ("signal", "full"):
+        raise UsageError(f"--decorrelate {decorrelate!r}: choose signal or full")
     t0 = time.perf_counter()
-    _frameio.check_output_path(output, overwrite)
-    if model is not None:
-        _frameio.check_output_path(model, overwrite)
     if not os.path.exists(psf):
         raise UsageError(f"--psf {psf}: no such file")
     if not os.path.exists(input):
         raise UsageError(f"--input {input}: no such file")
+    for option, path in (("--output", output), ("--model", model)):
+        if path is None:
+            continue
+        for other_option, other in (("--input", input), ("--psf", psf)):
+            if _same_file(path, other):
+                raise UsageError(f"{option} {path} is the {other_option} file; choose another output name")
+    if model is not None and _same_file(model, output):
+        raise UsageError(f"--model {model} is the --output file; choose another name for the model image")
+    _frameio.check_output_path(output, overwrite)
+    if model is not None:
+        _frameio.check_output_path(model, overwrite)
     psf_model = read_psf(psf)
     specmin, nspec = _check_extract_options(ns, psf_model)
     wave = wave_grid(psf_model, wavelength)
     try:
         psf_model.check_wavelengths(wave)
     except ValueError as err:
-        raise UsageError(f"--wavelength: {err}; choose a range inside the PSF's") from None
+        raise UsageError(
+            f"--wavelength: {err}; choose wmin,wmax inside {psf_model.wmin:.1f},{psf_model.wmax:.1f} "
+            f"(or leave --wavelength out for the PSF's common range)"
+        ) from None
     pre = _frameio.read_preproc(input)
-    if pre.image.shape != (psf_model.npix_y, psf_model.npix_x):
-        log.info("image is %s, the PSF's CCD %s: treating it as the lower-left sub-image",
-                 pre.image.shape, (psf_model.npix_y, psf_model.npix_x))
+    ccd = (psf_model.npix_y, psf_model.npix_x)
+    if pre.image.shape[0] > ccd[0] or pre.image.shape[1] > ccd[1]:
+        raise UsageError(
+            f"--input {input}: IMAGE is {pre.image.shape[0]} x {pre.image.shape[1]} pixels, larger than the "
+            f"{ccd[0]} x {ccd[1]} CCD of --psf {psf}; is this the PSF of this camera?"
+        )
+    if pre.image.shape != ccd:
+        log.warning("IMAGE of %s is %d x %d pixels, the PSF's CCD %d x %d: treating it as the lower-left "
+                    "sub-image (pixels beyond it count as masked)", input, *pre.image.shape, *ccd)
+    cam_in = _frameio.header_camera(pre.header)
+    cam_psf = _frameio.psf_camera(psf)
+    if cam_in and cam_psf and cam_in != cam_psf:
+        log.warning("--input %s is camera %s but --psf %s is camera %s", input, cam_in, psf, cam_psf)
+    if not np.any(pre.ivar > 0):
+        log.warning("%s: every pixel is masked (IVAR 0); the frame will have ivar 0 everywhere", input)
+    fibermap = _pick_fibermap(pre.fibermap, specmin, nspec, input)
     xyrange = (0, pre.image.shape[1], 0, pre.image.shape[0])
     log.info("extracting fibers %d-%d, %d wavelengths %.1f-%.1f A from %s",
              specmin, specmin + nspec - 1, len(wave), wave[0], wave[-1], input)
@@ -164,18 +274,20 @@ def extract_file(
             model=model is not None, chunk_size=chunk_size, progress=bar,
         )
         flux = np.asarray(ex.flux)
+        ivar = np.asarray(ex.ivar)
     finally:
         bar.close()
-    fibermap = pre.fibermap
-    if fibermap is not None and len(fibermap) >= specmin + nspec and len(fibermap) != nspec:
-        fibermap = fibermap[specmin:specmin + nspec]
+    dead = np.flatnonzero(~np.any(ivar > 0, axis=1))
+    if dead.size:
+        log.warning("%d of %d fibers have no unmasked pixels (ivar 0, MASK set in the frame): %s",
+                    dead.size, nspec, _ranges(specmin + dead))
     options = dict(
         bundlesize=bundlesize, nsubbundles=nsubbundles, nwavestep=nwavestep, wavepad_frac=wavepad_frac,
         pixpad_frac=pixpad_frac, regularize=regularize,
         psferr=psf_model.psferr if psferr is None else psferr, decorrelate=decorrelate,
     )
     _frameio.write_frame(
-        output, wave=np.asarray(ex.wave), flux=flux, ivar=np.asarray(ex.ivar),
+        output, wave=np.asarray(ex.wave), flux=flux, ivar=ivar,
         resolution=np.asarray(ex.resolution), chi2pix=np.asarray(ex.chi2pix), fibermap=fibermap,
         header=pre.header, specmin=specmin, input_path=input, psf_path=psf, options=options,
         overwrite=overwrite,
@@ -183,6 +295,20 @@ def extract_file(
     if model is not None:
         _frameio.write_model(model, np.asarray(ex.model), header=pre.header, overwrite=overwrite)
     return dict(output=os.path.abspath(output), nspec=nspec, nwave=len(wave), seconds=time.perf_counter() - t0)
+
+
+def _ranges(values) -> str:
+    """[3, 4, 5, 9] -> '3-5, 9'."""
+    out = []
+    vals = [int(v) for v in values]
+    i = 0
+    while i < len(vals):
+        j = i
+        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
+            j += 1
+        out.append(str(vals[i]) if i == j else f"{vals[i]}-{vals[j]}")
+        i = j + 1
+    return ", ".join(out)
 
 
 def cmd_extract(args) -> int:
@@ -365,6 +491,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     common(p)
     p.set_defaults(func=cmd_demo)
+
+    # Subcommands that live in their own modules (one module per idea): every
+    # ``jaxspec._cli_<name>`` module adds its parser through ``add_parser(subparsers, common)``.
+    import importlib
+    import pkgutil
+
+    from . import __path__ as package_path
+
+    for info in sorted(pkgutil.iter_modules(package_path), key=lambda m: m.name):
+        if info.name.startswith("_cli_"):
+            importlib.import_module(f"jaxspec.{info.name}").add_parser(sub, common)
     return parser
 
 
@@ -376,9 +513,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         _setup(args)
-        return int(args.func(args) or 0)
+        with _LogWarnings():
+            return int(args.func(args) or 0)
     except (UsageError, FileExistsError, FileNotFoundError, PermissionError, ValueError, OSError) as err:
-        log.error("%s", err)
+        # one line for the user (as argparse does), the traceback only at --loglevel DEBUG
+        log.debug("jaxspec %s failed", args.command, exc_info=True)
         print(f"jaxspec {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # pragma: no cover

@@ -68,6 +68,7 @@ class _Static:
     nbin: int
     box: tuple[int, int]  # margin box (NY + 2 ny, NX + 2 nx)
     band: int
+    fiber_band: int
     ndiag: int
     decorrelate: str
 
@@ -127,7 +128,7 @@ def _solve_one_patch(psf: PSF, image, ivar, inputs, regularize, minweight_frac, 
         iv = jnp.where(inside, iv, 0.0)
         img = jnp.where(inside, img, 0.0)
     with jax.named_scope("normal_equations"):
-        q, y, fluxweight = normal_equations(stamps, cy, cx, valid, img, iv, static.band)
+        q, y, fluxweight = normal_equations(stamps, cy, cx, valid, img, iv, static.band, static.fiber_band)
     with jax.named_scope("solve"):
         sol = solve_patch(
             q, y, fluxweight, valid.reshape(-1), static.nfiber, static.nbin, static.ndiag,
@@ -216,11 +217,17 @@ def extract(
         ivar: (ny, nx) pixel inverse variances; 0 marks bad pixels.
         psf: the PSF model.
         wave: (nwave,) linear wavelength grid [A].
-        specmin, nspec: fibers to extract (nspec a multiple of ``bundlesize``).
+        specmin: first fiber to extract.
+        nspec: number of fibers to extract (a multiple of ``bundlesize``).
         xyrange: ``(xmin, xmax, ymin, ymax)``: where ``image[0, 0]`` sits on the
             CCD (pixel (xmin, ymin)); None for a full-CCD image.
-        bundlesize, nsubbundles, wavesize, wavepad_frac, pixpad_frac: patch
-            geometry, as the established code (see :func:`patch_geometry`).
+        bundlesize: fibers per bundle (bundles are extracted independently).
+        nsubbundles: subbundles per bundle; each is one patch column, extracted with
+            one neighbour fiber on each side.
+        wavesize: core wavelength bins per patch.
+        wavepad_frac: extra wavelength padding of each patch, as a fraction of the
+            spot height.
+        pixpad_frac: extra pixel rows of each patch, as a fraction of the spot height.
         regularize: extra diagonal regularisation of every bin.
         decorrelate: ``"signal"`` (per fiber, default) or ``"full"`` (whole patch).
         psferr: fractional PSF error used in chi2pix (default: the PSF's).
@@ -233,7 +240,20 @@ def extract(
             devices, see :mod:`jaxspec._distribute`).
 
     Returns:
-        An :class:`Extraction`.
+        An :class:`Extraction` of fibers ``specmin .. specmin + nspec - 1`` on ``wave``.
+
+    Example:
+        ```python
+        import jax
+        jax.config.update("jax_enable_x64", True)
+        import numpy as np, jaxspec
+
+        wave = 5650.0 + 0.8 * np.arange(100)
+        psf = jaxspec.desi_like_psf(nspec=25, wmin=wave[0] - 10, wmax=wave[-1] + 10)
+        image, ivar, _ = jaxspec.simulate(psf, wave, np.full((25, 100), 100.0))
+        ex = jaxspec.extract(image, ivar, psf, wave, nspec=25)
+        ex.flux.shape   # (25, 100), photons / A
+        ```
     """
     if decorrelate not in ("signal", "full"):
         raise ValueError(f"decorrelate must be 'signal' or 'full', not {decorrelate!r}")
@@ -255,10 +275,35 @@ def extract_patches(
     image, ivar, psf: PSF, geom: PatchGeometry, xyrange=None, regularize=0.0, decorrelate="signal",
     psferr=None, model=False, minweight_frac=1e-4, chunk_size=None, progress=None, solve_chunk=None,
 ) -> Extraction:
-    """Run the patches of ``geom`` on ``image`` and stitch them (see :func:`extract`).
+    """Extract with a fixed patch geometry (see :func:`extract` for the arguments).
 
-    ``solve_chunk`` replaces the compiled chunk solver (same signature as
-    :func:`_solve_chunk`), e.g. by one sharded over several devices.
+    :func:`extract` computes ``geom = patch_geometry(psf, wave, ...)`` on the host
+    and calls this; call it directly to reuse one geometry for many images, or to
+    differentiate with respect to the PSF's parameters (the geometry's integer
+    boxes stay fixed while the spots move).
+
+    Args:
+        image: (ny, nx) pixel values [photons].
+        ivar: (ny, nx) pixel inverse variances.
+        psf: the PSF model.
+        geom: patches from :func:`patch_geometry`.
+        xyrange: where the image sits on the CCD, as in :func:`extract`.
+        regularize: extra diagonal regularisation of every bin.
+        decorrelate: ``"signal"`` or ``"full"``.
+        psferr: fractional PSF error used in chi2pix.
+        model: also return the model image.
+        minweight_frac: low-weight regularisation threshold.
+        chunk_size: patches per compiled call.
+        progress: callback ``progress(done, total)``.
+        solve_chunk: replacement for the compiled chunk solver (same signature as
+            ``_solve_chunk``), e.g. one sharded over several devices.
+
+    Returns:
+        An :class:`Extraction`.
+
+    Example:
+        >>> geom = jaxspec.patch_geometry(psf, wave, 0, 25)
+        >>> grad = jax.grad(lambda p: extract_patches(image, ivar, p, geom).flux.sum())(psf)
     """
     solve_chunk = _solve_chunk if solve_chunk is None else solve_chunk
     ny, nx = psf.stamp_shape
@@ -270,14 +315,14 @@ def extract_patches(
         nbin=nbin,
         box=(_round_up(geom.box_shape[0], 8) + 2 * ny, _round_up(geom.box_shape[1], 8) + 2 * nx),
         band=geom.band,
+        fiber_band=geom.fiber_band if geom.fiber_band >= 0 else geom.nfiber - 1,
         ndiag=geom.ndiag,
         decorrelate=decorrelate,
     )
-    # keep every margin box inside the canvas
-    pad_y = max(0, static.box[0] - (geom.box_shape[0] + 2 * ny))
-    pad_x = max(0, static.box[1] - (geom.box_shape[1] + 2 * nx))
-    canvas_img = jnp.pad(canvas_img, ((0, pad_y + ny), (0, pad_x + nx)))
-    canvas_ivar = jnp.pad(canvas_ivar, ((0, pad_y + ny), (0, pad_x + nx)))
+    # keep every margin box inside the canvas (a fixed pad: two frames whose static
+    # shapes agree get canvases of one shape, so they share the compiled program)
+    canvas_img = jnp.pad(canvas_img, ((0, static.box[0]), (0, static.box[1])))
+    canvas_ivar = jnp.pad(canvas_ivar, ((0, static.box[0]), (0, static.box[1])))
     inputs = _patch_inputs(geom, origin, (ny, nx), nbin)
 
     npatch = geom.npatch
@@ -293,6 +338,8 @@ def extract_patches(
     out["resolution"] = jnp.zeros((2 * geom.ndiag + 1, nout), dtype)
     targets = _stitch_targets(geom, nbin)
 
+    if progress is not None:
+        progress(0, npatch)
     for c in range(nchunk):
         sel = np.arange(c * chunk, (c + 1) * chunk) % npatch  # last chunk wraps: same shape
         res = solve_chunk(

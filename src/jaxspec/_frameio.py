@@ -56,6 +56,8 @@ __all__ = [
     "write_model",
     "check_output_path",
     "embed_subimage",
+    "header_camera",
+    "psf_camera",
     "OPTION_KEYS",
     "IDENTIFYING_KEYS",
     "SPECMASK_ALLBADPIX",
@@ -85,6 +87,7 @@ OPTION_KEYS: dict[str, str] = {
     "pixpad_frac": "PPADFRAC",
     "regularize": "REGULARZ",
     "psferr": "PSFERR",
+    "decorrelate": "DECORREL",
     "decorrelate_fibers": "DECORREL",
 }
 
@@ -313,6 +316,22 @@ def _carry_header(*headers: Mapping | fits.Header | None) -> fits.Header:
     return out
 
 
+def _set_key(hdr: fits.Header, key: str, value, comment: str) -> None:
+    """``hdr[key] = (value, comment)``, without the comment where it would not fit on the card.
+
+    Long strings (file paths) keep their full value (CONTINUE cards where needed);
+    astropy would otherwise warn "Card is too long, comment will be truncated".
+    """
+    card = fits.Card(key, value, comment)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fits.verify.VerifyWarning)
+        try:
+            card.image
+        except fits.verify.VerifyWarning:
+            card = fits.Card(key, value)
+    hdr[key] = (card.value, card.comment)
+
+
 def _set_dependency(hdr: fits.Header, name: str, version: str) -> None:
     """desiutil.depend convention: DEPNAMnn/DEPVERnn, update or first free slot."""
     for i in range(100):
@@ -373,7 +392,7 @@ def _add_options(hdr: fits.Header, options: Mapping[str, Any] | None) -> None:
             value = float(value)
         elif not isinstance(value, str):
             value = str(value)
-        hdr[key] = (value, f"jaxspec option {name}"[:47])
+        _set_key(hdr, key, value, f"jaxspec option {name}"[:47])
 
 
 def _spectrograph(hdr: Mapping) -> int | None:
@@ -515,7 +534,8 @@ def read_preproc(path: str | os.PathLike) -> Preproc:
         OSError: not a readable FITS file.
         ValueError: IMAGE or IVAR HDU missing or empty, or IMAGE/IVAR/MASK
             shapes disagree, or only one of TRUTH_WAVE/TRUTH_FLUX present.
-        Every message names the file and, where relevant, the HDU.
+
+    Every message names the file and, where relevant, the HDU.
     """
     spath, hdul = _open_fits(path, "preproc")
     with hdul:
@@ -770,9 +790,9 @@ def write_frame(path: str | os.PathLike, frame: Frame | None = None, *,
     step = float(np.mean(np.diff(wv))) if nwave > 1 else 0.0
     hdr["WAVESTEP"] = (step, "Wavelength step size [Angstroms]")
     if input_path is not None:
-        hdr["IN_IMG"] = (os.path.abspath(os.fspath(input_path)), "Input image")
+        _set_key(hdr, "IN_IMG", os.path.abspath(os.fspath(input_path)), "Input image")
     if psf_path is not None:
-        hdr["IN_PSF"] = (os.path.abspath(os.fspath(psf_path)), "Input spectral PSF")
+        _set_key(hdr, "IN_PSF", os.path.abspath(os.fspath(psf_path)), "Input spectral PSF")
     _add_options(hdr, options)
     _add_dependencies(hdr, version)
 
@@ -801,8 +821,11 @@ def read_frame(path: str | os.PathLike) -> Frame:
     (FLUX) header.
 
     Raises:
-        FileNotFoundError, OSError (not FITS), ValueError (missing HDU or shape
-        mismatch); messages name the file and HDU.
+        FileNotFoundError: no such file.
+        OSError: not a readable FITS file.
+        ValueError: a required HDU is missing or the shapes disagree.
+
+    Every message names the file and the HDU.
     """
     spath, hdul = _open_fits(path, "frame")
     with hdul:
@@ -858,6 +881,41 @@ def write_model(path: str | os.PathLike, model, header=None, overwrite: bool = F
     hdus = fits.HDUList([fits.PrimaryHDU(m, header=hdr)])
     hdus[0].header["EXTNAME"] = "MODEL"
     return _atomic_writeto(hdus, apath, overwrite)
+
+
+# --------------------------------------------------------------------------
+# Cameras
+
+
+def _norm_camera(value) -> str | None:
+    """'r0', "'R0      '" -> 'r0'; None for empty or missing values."""
+    if value is None or isinstance(value, fits.card.Undefined):
+        return None
+    text = str(value).strip().strip("'").strip().lower()
+    return text or None
+
+
+def header_camera(header: Mapping | None) -> str | None:
+    """The CAMERA key of a header, normalised (lower case, no padding), or None."""
+    if header is None:
+        return None
+    return _norm_camera(header.get("CAMERA"))
+
+
+def psf_camera(path: str | os.PathLike) -> str | None:
+    """The CAMERA of a PSF file (first HDU header that has one), or None.
+
+    Never raises: an unreadable file gives None (the PSF reader reports it).
+    """
+    try:
+        with fits.open(os.fspath(path), memmap=False) as hdul:
+            for hdu in hdul:
+                cam = _norm_camera(hdu.header.get("CAMERA"))
+                if cam:
+                    return cam
+    except Exception:
+        return None
+    return None
 
 
 # --------------------------------------------------------------------------

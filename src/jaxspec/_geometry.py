@@ -66,6 +66,8 @@ class PatchGeometry:
         ndiag: resolution half-band kept in the output.
         band: largest wavelength-index distance at which two spots of one
             fiber still share a CCD row (pairs further apart do not couple).
+        fiber_band: largest fiber-slot distance at which two spots of one patch
+            can share a CCD column (fibers further apart do not couple).
         specmin, nspec: the fibers extracted.
     """
 
@@ -89,6 +91,7 @@ class PatchGeometry:
     band: int
     specmin: int
     nspec: int
+    fiber_band: int = -1
 
     @property
     def npatch(self) -> int:
@@ -143,35 +146,36 @@ def _xyranges(psf: PSF, tables: _TraceTables, specrange: np.ndarray, waverange: 
     ymax = np.minimum(np.asarray(ymax) + ny, psf.npix_y)
 
     def extreme(fibers: np.ndarray, lower: bool) -> np.ndarray:
-        out = np.empty(npatch, dtype=np.int64)
+        # the trace's x at the block ends, all patches in one evaluation
+        ends = np.stack([wmin, wmax], axis=1)  # (P, 2)
+        x_end = np.asarray(psf.x(fibers[:, None], ends))
+        y_end = np.asarray(psf.y(fibers[:, None], ends))
+        if lower:
+            on_end = (0 <= y_end - 0.5) & (y_end < psf.npix_y - 0.5)
+        else:
+            on_end = (-0.5 <= y_end) & (y_end < psf.npix_y - 0.5)
+        end_x = np.where(on_end, x_end, np.nan)
+        best_x = np.full(npatch, np.nan)
+        best_w = np.zeros(npatch)
+        # the trace sampled at CCD rows inside each block (host tables, per fiber)
         for f in np.unique(fibers):
             sel = np.nonzero(fibers == f)[0]
             t = tables.index[int(f)]
             w_rows, x_rows, y_rows = tables.wave_rows[t], tables.x_rows[t], tables.y_rows[t]
-            lo, hi = wmin[sel], wmax[sel]
-            inside = (w_rows[None, :] >= lo[:, None]) & (w_rows[None, :] <= hi[:, None])
-            ends = np.stack([lo, hi], axis=1)
-            x_end = np.asarray(psf.x(int(f), ends))
-            y_end = np.asarray(psf.y(int(f), ends))
             if lower:
                 on_rows = (0 <= y_rows - 0.5) & (y_rows < psf.npix_y - 0.5)
-                on_end = (0 <= y_end - 0.5) & (y_end < psf.npix_y - 0.5)
             else:
                 on_rows = (-0.5 <= y_rows) & (y_rows < psf.npix_y - 0.5)
-                on_end = (-0.5 <= y_end) & (y_end < psf.npix_y - 0.5)
-            cand_x = np.concatenate([np.where(inside & on_rows[None, :], x_rows[None, :], np.nan), np.where(on_end, x_end, np.nan)], axis=1)
-            cand_w = np.concatenate([np.broadcast_to(w_rows, inside.shape), ends], axis=1)
-            if lower:
-                i = np.nanargmin(cand_x, axis=1)
-                xext = cand_x[np.arange(len(sel)), i]
-                xc, _ = psf.corners(int(f), cand_w[np.arange(len(sel)), i])
-                out[sel] = np.where(xext < 0, 0, np.maximum(np.asarray(xc), 0))
-            else:
-                i = np.nanargmax(cand_x, axis=1)
-                xext = cand_x[np.arange(len(sel)), i]
-                xc, _ = psf.corners(int(f), cand_w[np.arange(len(sel)), i])
-                out[sel] = np.where(xext > psf.npix_x, psf.npix_x, np.minimum(np.asarray(xc) + nx, psf.npix_x))
-        return out
+            inside = (w_rows[None, :] >= wmin[sel, None]) & (w_rows[None, :] <= wmax[sel, None]) & on_rows[None, :]
+            cand_x = np.concatenate([np.where(inside, x_rows[None, :], np.nan), end_x[sel]], axis=1)
+            cand_w = np.concatenate([np.broadcast_to(w_rows, inside.shape), ends[sel]], axis=1)
+            i = np.nanargmin(cand_x, axis=1) if lower else np.nanargmax(cand_x, axis=1)
+            best_x[sel] = cand_x[np.arange(len(sel)), i]
+            best_w[sel] = cand_w[np.arange(len(sel)), i]
+        xc = np.asarray(psf.corners(fibers, best_w)[0])
+        if lower:
+            return np.where(best_x < 0, 0, np.maximum(xc, 0))
+        return np.where(best_x > psf.npix_x, psf.npix_x, np.minimum(xc + nx, psf.npix_x))
 
     xmin = extreme(specmin, True)
     xmax = extreme(specmax - 1, False)
@@ -197,6 +201,24 @@ def patch_geometry(
     (``psf.xyrange``) padded in y by ``int(pixpad_frac * ny)`` rows (one more
     above); extra wavelength bins each side for
     the rows a further ``int(wavepad_frac * ny)`` beyond (at least ``ndiag``).
+
+    Args:
+        psf: the PSF model (its traces place the pixel boxes).
+        wave: (nwave,) linear wavelength grid [A].
+        specmin: first fiber.
+        nspec: number of fibers, a multiple of ``bundlesize``.
+        bundlesize: fibers per bundle.
+        nsubbundles: subbundles per bundle (``bundlesize`` a multiple of it).
+        wavesize: core wavelength bins per patch.
+        wavepad_frac: extra wavelength padding, as a fraction of the stamp height.
+        pixpad_frac: extra pixel rows, as a fraction of the stamp height.
+
+    Returns:
+        A :class:`PatchGeometry` (host NumPy arrays, one row per patch).
+
+    Raises:
+        ValueError: a grid that is not linear and increasing, fibers or wavelengths
+            outside the PSF, or sizes that do not divide as required.
     """
     wave = np.asarray(wave, dtype=float)
     dw = _check_grid(wave)
@@ -262,6 +284,7 @@ def patch_geometry(
     keep_n = np.minimum(wavesize, nwave - iwave)
 
     band = _coupling_band(psf, tables, fibers, wave_ext, ny)
+    fiber_band = _fiber_band(psf, fibers, fiber_valid, wave_ext, nx)
 
     return PatchGeometry(
         wave=wave,
@@ -282,25 +305,52 @@ def patch_geometry(
         box_shape=(int((box[:, 3] - box[:, 2]).max()), int((box[:, 1] - box[:, 0]).max())),
         ndiag=int(ndiag),
         band=band,
+        fiber_band=fiber_band,
         specmin=int(specmin),
         nspec=int(nspec),
     )
 
 
 def _coupling_band(psf: PSF, tables: _TraceTables, fibers: np.ndarray, wave_ext: np.ndarray, ny: int) -> int:
-    """Largest bin distance |k - k'| at which spots of two fibers of one patch share a row."""
+    """A bound on the bin distance |k - k'| at which spots of two fibers of one patch share a row.
+
+    For each distinct set of patch fibers, the lowest and highest spot corners over
+    its fibers bound every pair's overlap (a bound is all the projection needs:
+    pairs that do not overlap contribute exact zeros).
+    """
     fib = np.unique(fibers)
     _, ymin = psf.corners(fib[:, None], wave_ext[None, :])
     ymin = np.asarray(ymin)
-    row_of = {int(f): i for i, f in enumerate(fib)}
-    pairs = {(int(a), int(b)) for patch in np.unique(fibers, axis=0) for a in patch for b in patch}
+    row_of = np.full(int(fib.max()) + 1, -1)
+    row_of[fib] = np.arange(len(fib))
+    if np.any(np.diff(ymin, axis=1) < 0):  # traces are monotonic in wavelength; be safe otherwise
+        return len(wave_ext)
     k = np.arange(len(wave_ext))
     band = 0
-    for a, b in pairs:
-        ya, yb = ymin[row_of[a]], ymin[row_of[b]]
-        if np.any(np.diff(yb) < 0):  # traces are monotonic in wavelength; be safe otherwise
-            return len(wave_ext)
-        lo = np.searchsorted(yb, ya - ny, side="right")  # first k' with yb > ya - ny
-        hi = np.searchsorted(yb, ya + ny, side="left") - 1  # last k' with yb < ya + ny
+    for patch in np.unique(fibers, axis=0):
+        rows = ymin[row_of[patch]]
+        low, high = rows.min(axis=0), rows.max(axis=0)  # monotonic too
+        lo = np.searchsorted(high, low - ny, side="right")  # first k' any spot of which reaches k's rows
+        hi = np.searchsorted(low, high + ny, side="left") - 1  # last such k'
         band = max(band, int(np.max(np.maximum(k - lo, hi - k))))
     return max(band, 1)
+
+
+def _fiber_band(psf: PSF, fibers: np.ndarray, fiber_valid: np.ndarray, wave_ext: np.ndarray, nx: int) -> int:
+    """Largest slot distance d such that two fibers d slots apart in some patch have
+    spots less than a stamp width apart in x at some wavelength (so may share pixels)."""
+    fib = np.unique(fibers)
+    xmin, _ = psf.corners(fib[:, None], wave_ext[None, :])
+    xmin = np.asarray(xmin)
+    row_of = np.full(int(fib.max()) + 1, -1)
+    row_of[fib] = np.arange(len(fib))
+    nf = fibers.shape[1]
+    band = 0
+    for patch, ok in {(tuple(f), tuple(v)) for f, v in zip(fibers, fiber_valid)}:
+        xs = xmin[row_of[np.asarray(patch)]]
+        ok = np.asarray(ok)
+        for d in range(band + 1, nf):
+            both = ok[d:] & ok[:-d]
+            if np.any(both[:, None] & (np.abs(xs[d:] - xs[:-d]) < nx)):
+                band = d
+    return band

@@ -1,25 +1,39 @@
-"""Figures people want from an extraction (matplotlib, imported only by the CLI and users).
+"""Figures people want from an extraction (matplotlib; imported only by the CLI and by users).
 
-* :func:`plot_extraction`: image / model / residual panels and spectra with error
-  bands (and truth, when known, convolved with the resolution matrix).
-* :func:`plot_frame`: spectra with error bands and chi2pix from a frame file.
+* :func:`plot_extraction`: an :class:`~jaxspec.Extraction` in memory: image / model /
+  pull panels and spectra with error bands (and the truth, when known, convolved
+  with the resolution matrix so that it is comparable with the extracted flux).
+* :func:`plot_frame`: a frame file (:class:`~jaxspec.Frame`): spectra with error
+  bands and chi2pix per fiber, and optionally image / model / pull panels of a
+  pixel region of the preproc image that was extracted.
+
+Both write a PNG and return its path.  The building blocks :func:`spectra_panel`,
+:func:`image_panels` and :func:`chi2pix_panel` draw on matplotlib axes that the
+caller owns, for notebooks.
+
+matplotlib is imported lazily and its backend left alone (the CLI picks ``Agg``);
+figures are closed after saving.
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+__all__ = ["chi2pix_panel", "image_panels", "plot_extraction", "plot_frame", "spectra_panel"]
+
+_PULL_RANGE = 5.0  # colour range of pull panels, in sigma
 
 
 def _mpl():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     return plt
 
 
 def _limits(a: np.ndarray) -> tuple[float, float]:
+    """Robust colour limits: the 1st and 99.5th percentiles of the finite values."""
     finite = a[np.isfinite(a)]
     if finite.size == 0:
         return 0.0, 1.0
@@ -27,64 +41,143 @@ def _limits(a: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi if hi > lo else lo + 1)
 
 
-def _spectra_panel(ax, wave, flux, ivar, fiber_labels, truth=None):
-    colors = ["C0", "C1", "C2", "C3", "C4", "C5"]
-    for n, (f, label) in enumerate(fiber_labels):
-        c = colors[n % len(colors)]
-        err = np.where(ivar[f] > 0, 1 / np.sqrt(np.where(ivar[f] > 0, ivar[f], 1)), np.nan)
-        ax.fill_between(wave, flux[f] - err, flux[f] + err, color=c, alpha=0.3, lw=0)
-        ax.plot(wave, flux[f], color=c, lw=0.8, label=label)
+def _errors(ivar: np.ndarray) -> np.ndarray:
+    """1 / sqrt(ivar), NaN where ivar <= 0 (so that bands and lines break there)."""
+    good = ivar > 0
+    return np.where(good, 1.0 / np.sqrt(np.where(good, ivar, 1.0)), np.nan)
+
+
+def spectra_panel(ax, wave, flux, ivar, rows, labels=None, truth=None, wave_range=None):
+    """Draw spectra with 1-sigma error bands on ``ax``.
+
+    Args:
+        ax: matplotlib axes.
+        wave: (nwave,) wavelengths [A].
+        flux: (nspec, nwave) flux [photons / A].
+        ivar: (nspec, nwave) inverse variance of ``flux``; bins with ivar 0 are
+            left as gaps.
+        rows: indices into the first axis of ``flux`` to draw.
+        labels: legend label per row (default ``"spectrum {row}"``).
+        truth: optional (nspec, nwave) model already convolved with the resolution
+            matrix, drawn as black dashed lines.
+        wave_range: optional ``(wmin, wmax)`` [A] to zoom on.
+    """
+    wave = np.asarray(wave)
+    flux = np.asarray(flux)
+    ivar = np.asarray(ivar)
+    labels = labels or [f"spectrum {r}" for r in rows]
+    sel = np.ones(wave.shape, bool)
+    if wave_range is not None:
+        sel = (wave >= wave_range[0]) & (wave <= wave_range[1])
+    w = wave[sel]
+    for n, (r, label) in enumerate(zip(rows, labels)):
+        c = f"C{n % 10}"
+        err = _errors(ivar[r][sel])
+        f = np.where(np.isfinite(err), flux[r][sel], np.nan)
+        ax.fill_between(w, f - err, f + err, color=c, alpha=0.35, lw=0, step="mid")
+        ax.plot(w, f, color=c, lw=0.8, drawstyle="steps-mid", label=label)
         if truth is not None:
-            ax.plot(wave, truth[f], color="k", lw=0.6, ls="--")
+            ax.plot(w, np.asarray(truth)[r][sel], color="k", lw=0.7, ls="--")
+    if truth is not None:
+        ax.plot([], [], color="k", lw=0.7, ls="--", label="truth convolved with R")
     ax.set_xlabel("wavelength [A]")
     ax.set_ylabel("flux [photons / A]")
-    ax.legend(fontsize=7, loc="upper right")
+    if len(w):
+        ax.set_xlim(w[0], w[-1])
+    ax.legend(fontsize=7, loc="upper right", ncol=min(len(rows) + (truth is not None), 4))
 
 
-def plot_extraction(path, ex, image=None, ivar=None, truth=None, fibers=(0,), title=None):
+def chi2pix_panel(ax, wave, chi2pix, rows, labels=None, wave_range=None):
+    """Draw chi2pix (reduced chi2 of the pixels of each bin; ~1 for a good model) on ``ax``."""
+    wave = np.asarray(wave)
+    chi2pix = np.asarray(chi2pix)
+    labels = labels or [f"spectrum {r}" for r in rows]
+    sel = np.ones(wave.shape, bool)
+    if wave_range is not None:
+        sel = (wave >= wave_range[0]) & (wave <= wave_range[1])
+    for n, (r, label) in enumerate(zip(rows, labels)):
+        c2 = chi2pix[r][sel]
+        ax.plot(wave[sel], np.where(c2 > 0, c2, np.nan), color=f"C{n % 10}", lw=0.7,
+                drawstyle="steps-mid", label=label)
+    from matplotlib.ticker import LogFormatter
+
+    ax.axhline(1.0, color="k", lw=0.6, ls=":")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    ax.set_ylabel("chi2pix")
+    ax.set_xlabel("wavelength [A]")
+    if sel.any():
+        ax.set_xlim(wave[sel][0], wave[sel][-1])
+
+
+def image_panels(axes, fig, image, model, ivar=None, extent=None):
+    """Draw image, model and residual side by side on three axes.
+
+    The residual is the pull ``(image - model) sqrt(ivar)`` on a fixed +-5 sigma
+    scale when ``ivar`` is given (masked pixels blank), else ``image - model``.
+    ``extent`` is ``(x0, x1, y0, y1)`` in CCD pixels for the axis labels.
+    """
+    image = np.asarray(image, dtype=float)
+    model = np.asarray(model, dtype=float)
+    lo, hi = _limits(image)
+    if ivar is not None:
+        ivar = np.asarray(ivar, dtype=float)
+        resid = np.where(ivar > 0, (image - model) * np.sqrt(np.clip(ivar, 0, None)), np.nan)
+        rlim, rname = (-_PULL_RANGE, _PULL_RANGE), "(image - model) x sqrt(ivar)"
+    else:
+        resid = image - model
+        r = max(abs(v) for v in _limits(resid))
+        rlim, rname = (-r, r), "image - model [photons]"
+    ext = None if extent is None else (extent[0] - 0.5, extent[1] - 0.5, extent[2] - 0.5, extent[3] - 0.5)
+    for ax, a, name, lim, cmap in zip(
+        axes,
+        (image, model, resid),
+        ("image [photons]", "model [photons]", rname),
+        ((lo, hi), (lo, hi), rlim),
+        ("viridis", "viridis", "RdBu_r"),
+    ):
+        im = ax.imshow(a, origin="lower", aspect="auto", vmin=lim[0], vmax=lim[1], cmap=cmap,
+                       extent=ext, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("x [pixel]")
+        ax.set_ylabel("y [pixel]")
+        fig.colorbar(im, ax=ax, shrink=0.85)
+
+
+def plot_extraction(path, ex, image=None, ivar=None, truth=None, fibers=(0,), title=None, wave_range=None):
     """Write a PNG of an :class:`~jaxspec.Extraction`.
 
     Args:
         path: PNG file to write.
-        ex: the extraction (with ``model`` when image panels are wanted).
-        image, ivar: the extracted image and its inverse variance (optional).
-        truth: (nspec, nwave) true photons / A, plotted after convolution with the
-            extraction's resolution matrix (optional).
+        ex: the extraction (extracted with ``model=True`` for the image panels).
+        image, ivar: the extracted (sub-)image and its inverse variance, same shape
+            as ``ex.model`` (optional; with both, the top row shows image, model and
+            pull).
+        truth: (nspec, nwave) true flux [photons / A] on ``ex.wave``; drawn after
+            convolution with the extraction's resolution matrix (optional).
         fibers: fiber offsets (0 = ``ex.specmin``) to draw.
+        title: figure title.
+        wave_range: optional ``(wmin, wmax)`` [A] to zoom the spectra on.
+
+    Returns:
+        ``path``.
     """
     from .solve import apply_resolution
 
     plt = _mpl()
-    wave = np.asarray(ex.wave)
-    flux = np.asarray(ex.flux)
-    fivar = np.asarray(ex.ivar)
     conv = None if truth is None else np.asarray(apply_resolution(ex.resolution, np.asarray(truth)))
     panels = image is not None and ex.model is not None
     fig = plt.figure(figsize=(12, 7 if panels else 4), layout="constrained")
     if panels:
         gs = fig.add_gridspec(2, 3, height_ratios=[1.3, 1])
-        model = np.asarray(ex.model)
-        lo, hi = _limits(image)
-        chi = (image - model) * np.sqrt(np.clip(ivar, 0, None)) if ivar is not None else image - model
-        for i, (a, name, lim, cmap) in enumerate(
-            [(image, "image", (lo, hi), "viridis"), (model, "model", (lo, hi), "viridis"),
-             (chi, "(image - model) x sqrt(ivar)", (-4, 4), "RdBu_r")]
-        ):
-            ax = fig.add_subplot(gs[0, i])
-            im = ax.imshow(a, origin="lower", aspect="auto", vmin=lim[0], vmax=lim[1], cmap=cmap,
-                           interpolation="nearest")
-            ax.set_title(name, fontsize=9)
-            ax.set_xlabel("x [pixel]")
-            ax.set_ylabel("y [pixel]")
-            fig.colorbar(im, ax=ax, shrink=0.8)
+        axes = [fig.add_subplot(gs[0, i]) for i in range(3)]
+        image_panels(axes, fig, image, ex.model, ivar)
         ax = fig.add_subplot(gs[1, :])
     else:
         ax = fig.add_subplot(1, 1, 1)
-    labels = [(f, f"fiber {ex.specmin + f}") for f in fibers]
-    _spectra_panel(ax, wave, flux, fivar, labels, conv)
-    if conv is not None:
-        ax.plot([], [], color="k", lw=0.6, ls="--", label="truth (R x input)")
-        ax.legend(fontsize=7, loc="upper right")
+    spectra_panel(ax, ex.wave, ex.flux, ex.ivar, list(fibers), [f"fiber {ex.specmin + f}" for f in fibers],
+                  truth=conv, wave_range=wave_range)
     if title:
         fig.suptitle(title)
     fig.savefig(path, dpi=110)
@@ -92,45 +185,64 @@ def plot_extraction(path, ex, image=None, ivar=None, truth=None, fibers=(0,), ti
     return path
 
 
-def plot_frame(path, frame, fibers=(0,), image=None, model=None, region=None):
-    """Write a PNG of a frame file: spectra with error bands, chi2pix, and
-    optionally image / model / residual panels of a pixel ``region`` (x0, x1, y0, y1)."""
+def _frame_title(frame) -> str:
+    hdr = frame.header
+    parts = [os.path.basename(frame.path) if frame.path else "frame"]
+    for key in ("CAMERA", "NIGHT", "EXPID"):
+        if key in hdr:
+            parts.append(f"{key} {hdr[key]}")
+    return "  ".join(parts)
+
+
+def plot_frame(path, frame, fibers=None, image=None, model=None, ivar=None, region=None, wave_range=None,
+               title=None):
+    """Write a PNG of a frame: spectra with error bands, chi2pix and, optionally, pixels.
+
+    Args:
+        path: PNG file to write.
+        frame: a :class:`~jaxspec.Frame` (e.g. from :func:`~jaxspec.read_frame`).
+        fibers: fiber numbers (as on the CCD, ``frame.specmin .. specmin + nspec - 1``)
+            to draw; default the first, middle and last.
+        image, model: the preproc image that was extracted and the model image
+            (``jaxspec extract --model``), both (ny, nx); with both, a top row
+            shows image, model and residual over ``region``.
+        ivar: (ny, nx) pixel inverse variance; makes the residual a pull.
+        region: ``(x0, x1, y0, y1)`` pixel box of the image panels (upper bounds
+            exclusive); default the whole image.
+        wave_range: optional ``(wmin, wmax)`` [A] to zoom the spectra on.
+        title: figure title (default: file name, CAMERA, NIGHT, EXPID).
+
+    Returns:
+        ``path``.
+    """
     plt = _mpl()
-    wave = np.asarray(frame.wave)
-    flux = np.asarray(frame.flux)
-    ivar = np.asarray(frame.ivar)
     specmin = frame.specmin
-    nrow = 3 if (image is not None and model is not None) else 2
-    fig = plt.figure(figsize=(12, 3.2 * nrow), layout="constrained")
-    gs = fig.add_gridspec(nrow, 3)
-    row = 0
-    if nrow == 3:
+    if fibers is None:
+        fibers = sorted({specmin, specmin + frame.nspec // 2, specmin + frame.nspec - 1})
+    rows = [int(f) - specmin for f in fibers]
+    bad = [f for f, r in zip(fibers, rows) if not 0 <= r < frame.nspec]
+    if bad:
+        raise ValueError(f"fibers {bad} are not in the frame (fibers {specmin}..{specmin + frame.nspec - 1})")
+    labels = [f"fiber {f}" for f in fibers]
+    pixels = image is not None and model is not None
+    nrow = 3 if pixels else 2
+    fig = plt.figure(figsize=(12, 3.3 * nrow), layout="constrained")
+    gs = fig.add_gridspec(nrow, 3, height_ratios=[1.4, 1.2, 0.9][3 - nrow:])
+    if pixels:
         x0, x1, y0, y1 = region if region is not None else (0, image.shape[1], 0, image.shape[0])
-        sub_i = image[y0:y1, x0:x1]
-        sub_m = model[y0:y1, x0:x1]
-        lo, hi = _limits(sub_i)
-        for i, (a, name, lim, cmap) in enumerate(
-            [(sub_i, "image", (lo, hi), "viridis"), (sub_m, "model", (lo, hi), "viridis"),
-             (sub_i - sub_m, "image - model", _limits(sub_i - sub_m), "RdBu_r")]
-        ):
-            ax = fig.add_subplot(gs[0, i])
-            im = ax.imshow(a, origin="lower", aspect="auto", vmin=lim[0], vmax=lim[1], cmap=cmap,
-                           extent=(x0 - 0.5, x1 - 0.5, y0 - 0.5, y1 - 0.5), interpolation="nearest")
-            ax.set_title(name, fontsize=9)
-            fig.colorbar(im, ax=ax, shrink=0.8)
-        row = 1
-    ax = fig.add_subplot(gs[row, :])
-    idx = [f - specmin if f >= specmin else f for f in fibers]
-    _spectra_panel(ax, wave, flux, ivar, [(i, f"fiber {specmin + i}") for i in idx])
-    ax = fig.add_subplot(gs[row + 1, :])
+        cut = (slice(y0, y1), slice(x0, x1))
+        axes = [fig.add_subplot(gs[0, i]) for i in range(3)]
+        image_panels(axes, fig, np.asarray(image)[cut], np.asarray(model)[cut],
+                     None if ivar is None else np.asarray(ivar)[cut], extent=(x0, x1, y0, y1))
+    ax = fig.add_subplot(gs[nrow - 2, :])
+    spectra_panel(ax, frame.wave, frame.flux, frame.ivar, rows, labels, wave_range=wave_range)
+    ax = fig.add_subplot(gs[nrow - 1, :], sharex=ax)
     if frame.chi2pix is not None:
-        for i in idx:
-            ax.plot(wave, np.asarray(frame.chi2pix)[i], lw=0.7, label=f"fiber {specmin + i}")
-        ax.axhline(1.0, color="k", lw=0.5, ls=":")
-        ax.set_yscale("log")
-        ax.set_ylabel("chi2pix")
-        ax.set_xlabel("wavelength [A]")
-        ax.legend(fontsize=7)
+        chi2pix_panel(ax, frame.wave, frame.chi2pix, rows, labels, wave_range=wave_range)
+    else:
+        ax.text(0.5, 0.5, "no CHI2PIX HDU in this frame", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    fig.suptitle(title if title is not None else _frame_title(frame), fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -45,6 +45,7 @@ def normal_equations(
     image: Float[Array, "NYm NXm"],
     ivar: Float[Array, "NYm NXm"],
     band: int,
+    fiber_band: int | None = None,
 ) -> tuple[Float[Array, "n n"], Float[Array, " n"], Float[Array, " n"]]:
     """``Q = A^T W A``, ``y = A^T W p`` and fluxweight (column sums of ``W A``).
 
@@ -53,13 +54,20 @@ def normal_equations(
         cy, cx: stamp corners in margin-box coordinates.
         valid: False for padding unknowns.
         image, ivar: the patch's margin box (ivar 0 outside the real box).
-        band: bins further apart than this never share a pixel.
+        band: static; bins further apart than this never share a pixel.
+        fiber_band: static; fibers further apart than this never share a pixel
+            (default: any two fibers of the patch may).
 
     Returns:
         Q (n, n), y (n,), fluxweight (n,) with n = F * K, unknowns fiber-major.
+
+    Each unordered pair of unknowns within (fiber_band, band) of each other is
+    visited once, as one (fiber offset, bin offset) step of a scan over all
+    unknowns; Q is filled symmetrically from those values.
     """
     nf, nk, ny, nx = stamps.shape
     n = nf * nk
+    fband = nf - 1 if fiber_band is None else min(int(fiber_band), nf - 1)
     s = jnp.where(valid[..., None, None], stamps, 0.0).reshape(n, ny, nx)
     cy = cy.reshape(n)
     cx = cx.reshape(n)
@@ -69,18 +77,21 @@ def normal_equations(
     rhs = jnp.sum(sw * p, axis=(1, 2))
     fluxweight = jnp.sum(sw, axis=(1, 2))
 
+    # half of the (fiber offset, bin offset) plane: df > 0, or df == 0 and dk >= 0
+    offsets = jnp.asarray(
+        [(df, dk) for df in range(0, fband + 1) for dk in range(-band, band + 1) if df > 0 or dk >= 0],
+        dtype=jnp.int32,
+    )
     # stamps padded by one stamp each side: a shifted copy is a plain slice
     spad = jnp.pad(s, ((0, 0), (ny, ny), (nx, nx)))
-    kk = jnp.arange(n) % nk
-    offsets = jnp.stack(
-        jnp.meshgrid(jnp.arange(nf), jnp.arange(-band, band + 1), indexing="ij"), axis=-1
-    ).reshape(-1, 2)
+    fi = jnp.arange(n) // nk
+    ki = jnp.arange(n) % nk
 
     def overlap(_, off):
-        fj, dk = off[0], off[1]
-        kj = kk + dk
-        ok = (kj >= 0) & (kj < nk)
-        j = fj * nk + jnp.clip(kj, 0, nk - 1)
+        df, dk = off[0], off[1]
+        fj, kj = fi + df, ki + dk
+        ok = (fj < nf) & (kj >= 0) & (kj < nk)
+        j = jnp.clip(fj, 0, nf - 1) * nk + jnp.clip(kj, 0, nk - 1)
         oy = cy[j] - cy
         ox = cx[j] - cx
         ok = ok & (jnp.abs(oy) < ny) & (jnp.abs(ox) < nx)
@@ -88,25 +99,13 @@ def normal_equations(
             j, jnp.clip(ny - oy, 0, 2 * ny), jnp.clip(nx - ox, 0, 2 * nx)
         )
         vals = jnp.where(ok, jnp.sum(sw * shifted, axis=(1, 2)), 0.0)
-        return None, vals
+        return None, (vals, jnp.where(ok, j, n))
 
-    _, vals = jax.lax.scan(overlap, None, offsets)  # (F * (2 band + 1), n)
-    vals = vals.reshape(nf, 2 * band + 1, nf, nk)  # [fj, dk, fi, ki]
-
-    # dense Q[fi, ki, fj, kj] = vals[fj, kj - ki + band, fi, ki] where |kj - ki| <= band
-    ki = jnp.arange(nk)[:, None]
-    kj = jnp.arange(nk)[None, :]
-    d = kj - ki + band
-    inband = (d >= 0) & (d <= 2 * band)
-    dcl = jnp.clip(d, 0, 2 * band)
-    v = jnp.transpose(vals, (2, 3, 0, 1))  # [fi, ki, fj, dk]
-    q = jnp.take_along_axis(
-        v[:, :, :, None, :],  # [fi, ki, fj, 1, dk]
-        jnp.broadcast_to(dcl[None, :, None, :, None], (nf, nk, nf, nk, 1)),
-        axis=4,
-    )[..., 0]  # [fi, ki, fj, kj]
-    q = jnp.where(inband[None, :, None, :], q, 0.0).reshape(n, n)
-    q = 0.5 * (q + q.T)
+    _, (vals, cols) = jax.lax.scan(overlap, None, offsets)  # (noff, n) each
+    rows = jnp.broadcast_to(jnp.arange(n), cols.shape)
+    q = jnp.zeros((n, n), stamps.dtype)
+    q = q.at[rows, cols].set(vals, mode="drop")
+    q = q.at[cols, rows].set(vals, mode="drop")  # the mirror (the diagonal is set twice, to one value)
     return q, rhs, fluxweight
 
 

@@ -109,10 +109,13 @@ class PSF(eqx.Module):
             giving each stamp's lower-left CCD pixel, and ``stamps`` of shape
             ``S + (ny, nx)`` (rows y, columns x), each normalised to sum 1.
         """
-        ispec, wave = jnp.broadcast_arrays(jnp.asarray(ispec), jnp.asarray(wave))
-        ispec = ispec.astype(jnp.int32)
-        x = self.x(ispec, wave)
-        y = self.y(ispec, wave)
+        # ispec and wave stay unbroadcast (e.g. a fiber column and a wavelength row), so
+        # models can evaluate per-fiber and per-wavelength factors once each.
+        ispec = jnp.asarray(ispec).astype(jnp.int32)
+        wave = jnp.asarray(wave)
+        shape = jnp.broadcast_shapes(ispec.shape, wave.shape)
+        x = jnp.broadcast_to(self.x(ispec, wave), shape)
+        y = jnp.broadcast_to(self.y(ispec, wave), shape)
         xmin = jnp.trunc(x - self.hsizex + 0.5).astype(jnp.int32)
         ymin = jnp.trunc(y - self.hsizey + 0.5).astype(jnp.int32)
         stamps = self._stamps(ispec, wave, x, y, xmin, ymin)

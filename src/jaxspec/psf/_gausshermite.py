@@ -112,17 +112,30 @@ class GaussHermitePSF(PSF):
     ) -> "GaussHermitePSF":
         """Build a PSF from Legendre coefficient arrays (host-side, concrete arrays).
 
+        The inverse trace is fitted as specter does; wmin/wmax follow from it.
+
         Args:
-            xcoef, ycoef: ``[nspec, ncoef]`` trace coefficients (CCD pixels).
+            xcoef: ``[nspec, ncoef]`` Legendre coefficients of the x trace [CCD pixels].
+            ycoef: ``[nspec, ncoef]`` Legendre coefficients of the y trace [CCD pixels].
             params: ``[nparam, nspec, ncoef]`` coefficients of the parameters
                 ``param_names`` (GHSIGX, GHSIGY, GH-i-j for all i <= ghdegx,
                 j <= ghdegy, optionally TAIL*; others are carried along unused).
-            xdomain, ydomain, pdomain: wavelength domains [A] of the x trace, the
-                y trace (default xdomain) and the parameters (default xdomain).
-            hsizex, hsizey: stamp half sizes; npix_x, npix_y: CCD size.
-            ghdegx, ghdegy: Hermite degrees (default: inferred from the names).
+            param_names: the ``nparam`` parameter names, in the order of ``params``.
+            xdomain: wavelength domain ``(wmin, wmax)`` [A] of the x trace.
+            ydomain: wavelength domain [A] of the y trace (default ``xdomain``).
+            pdomain: wavelength domain [A] of the parameters (default ``xdomain``).
+            hsizex: stamp half width: stamps have ``2 hsizex + 1`` columns.
+            hsizey: stamp half height: stamps have ``2 hsizey + 1`` rows.
+            npix_x: CCD width [pixels].
+            npix_y: CCD height [pixels].
+            ghdegx: Hermite degree in x (default: inferred from the names).
+            ghdegy: Hermite degree in y (default: inferred from the names).
+            psferr: fractional PSF error used in chi2pix.
+            fibermin: number of the first fiber in the file (FIBERMIN), kept for writing.
+            legdeg: per-parameter (LEGDEGX, LEGDEGW), kept for writing only.
 
-        The inverse trace is fitted as specter does; wmin/wmax follow from it.
+        Returns:
+            The PSF, with float64 arrays when x64 is enabled.
         """
         dt = jnp.result_type(float)
         xcoef = jnp.asarray(np.asarray(xcoef, dtype=np.float64), dtype=dt)
@@ -261,8 +274,7 @@ class GaussHermitePSF(PSF):
         gh = jnp.moveaxis(vals[2 : 2 + ngh], 0, -1).reshape(vals.shape[1:] + (dgy + 1, dgx + 1))
         fx = pixel_gauss_hermite(xmin, x, sigx, nx, dgx)  # S + (dgx+1, nx)
         fy = pixel_gauss_hermite(ymin, y, sigy, ny, dgy)  # S + (dgy+1, ny)
-        tmp = jnp.einsum("...ji,...ix->...jx", gh, fx)
-        img = jnp.einsum("...jy,...jx->...yx", fy, tmp)
+        img = jnp.einsum("...jy,...ji,...ix->...yx", fy, gh, fx)  # S + (ny, nx)
         if self.has_tails:
             amp, core, xsca, ysca, inde = (v[..., None, None] for v in vals[2 + ngh :])
             dx = (xmin[..., None] + jnp.arange(nx)) - x[..., None]
@@ -310,6 +322,36 @@ def desi_like_psf(
     ``i + j > 0`` up to ``ghdeg`` are small (``gh_scale``, seeded random); tails
     have amplitude ``tailamp``.  The traces cover ``[wmin - margin, wmax + margin]``
     A, and the CCD (default just large enough) is ``npix_y`` rows x ``npix_x`` columns.
+
+    Args:
+        nspec: number of fibers.
+        wmin: smallest wavelength [A] every fiber must cover.
+        wmax: largest wavelength [A] every fiber must cover.
+        npix_x: CCD width [pixels] (default: just wide enough for the fibers).
+        npix_y: CCD height [pixels] (default: just tall enough for the wavelengths).
+        pitch: distance between neighbouring fibers [pixels].
+        bundlesize: fibers per bundle.
+        bundle_gap: extra gap between bundles [pixels].
+        dispersion: A per CCD row.
+        sigx: (low, high) range of GHSIGX, the spot's x width [pixels].
+        sigy: (low, high) range of GHSIGY, the spot's y width [pixels].
+        ghdeg: largest Gauss-Hermite order ``i + j``.
+        gh_scale: size of the random Gauss-Hermite coefficients of order > 0.
+        tailamp: amplitude of the power-law tails (0: none).
+        hsizex: stamp half width (stamps have ``2 hsizex + 1`` columns).
+        hsizey: stamp half height (stamps have ``2 hsizey + 1`` rows).
+        margin: extra wavelength coverage [A] beyond ``[wmin, wmax]``.
+        seed: seed of the random Gauss-Hermite coefficients.
+
+    Returns:
+        A :class:`GaussHermitePSF`.
+
+    Example:
+        ```python
+        psf = jaxspec.desi_like_psf(nspec=25, wmin=5600, wmax=5800)
+        xmin, ymin, stamps = psf.spots(np.arange(25)[:, None], np.array([5700.0]))
+        stamps.shape    # (25, 1, 11, 17)
+        ```
     """
     rng = np.random.default_rng(seed)
     wlo, whi = wmin - margin, wmax + margin

@@ -213,7 +213,19 @@ def write_psf(path: str | os.PathLike, psf: GaussHermitePSF, overwrite: bool = F
     """Write a :class:`GaussHermitePSF` as a DESI GAUSS-HERMITE PSFVER 3 file.
 
     The file is written to a temporary name in the same directory, then moved
-    into place.  Returns the path.
+    into place, so an interrupted write never leaves a partial file.
+
+    Args:
+        path: the FITS file to write.
+        psf: the PSF (e.g. from :func:`read_psf`, a fit, or :func:`desi_like_psf`).
+        overwrite: replace an existing file.
+
+    Returns:
+        The path written.
+
+    Raises:
+        TypeError: ``psf`` is not a :class:`GaussHermitePSF`.
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
     """
     if not isinstance(psf, GaussHermitePSF):
         raise TypeError(f"write_psf writes GaussHermitePSF only, got {type(psf).__name__}")

@@ -82,9 +82,10 @@ def traceset_eval_many(
     coeff = jnp.asarray(coeff)
     ispec = jnp.asarray(ispec)
     t = normalize(w, domain[0], domain[1])
-    ispec, t = jnp.broadcast_arrays(ispec, t)
-    basis = legvander(t, coeff.shape[-1] - 1)  # S + (ncoef,)
-    sel = jnp.take(coeff, ispec.astype(jnp.int32), axis=1)  # (nparam,) + S + (ncoef,)
+    # Basis on the wavelengths' own shape and coefficients on the fibers' own shape:
+    # for a (fiber, 1) x (1, wave) grid that is nspec + nwave evaluations, not their product.
+    basis = legvander(t, coeff.shape[-1] - 1)  # shape(w) + (ncoef,)
+    sel = jnp.take(coeff, ispec.astype(jnp.int32), axis=1)  # (nparam,) + shape(ispec) + (ncoef,)
     return jnp.sum(sel * basis, axis=-1)
 
 

@@ -46,8 +46,10 @@ def decorrelate_signal(
     Args:
         L: lower Cholesky factor of the (regularised) normal matrix, (n, n).
         xflux: undecorrelated solution ``Q^{-1} y`` (n,), fiber-major.
-        nspec, nwave: static block layout, ``n = nspec * nwave``.
-        threshold, method: passed to ``inv_sqrtm_sym``.
+        nspec: static number of fibers (blocks); ``n = nspec * nwave``.
+        nwave: static number of bins per fiber.
+        threshold: eigenvalue clipping threshold, passed to ``inv_sqrtm_sym``.
+        method: ``"eigh"`` or ``"newton_schulz"``, passed to ``inv_sqrtm_sym``.
 
     Returns:
         ``(flux, ivar, R)``: (nspec, nwave), (nspec, nwave), (nspec, nwave, nwave).

@@ -9,6 +9,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float
 
 from ._cholesky import cholesky_factor, cholesky_solve
 from ._decorrelate import decorrelate_full, decorrelate_signal
+from ._sqrtm import inv_sym
 from ._normal import SPECTER_MINWEIGHT_FRAC, regularize_normal
 from ._resolution import resolution_diagonals
 
@@ -59,12 +60,16 @@ def solve_patch(
         y: ``A^T W p`` (n,).
         fluxweight: column sums of ``W A`` (n,).
         valid: (n,) False marks padding unknowns (decoupled; real results unchanged).
-        nspec, nwave, ndiag: static shapes; ``ndiag`` half-width of the resolution band.
+        nspec: static number of fibers of the patch.
+        nwave: static number of bins per fiber; ``n = nspec * nwave``.
+        ndiag: static half-width of the resolution band kept.
         decorrelate: static, ``"signal"`` (per-fiber, specter default) or ``"full"``
             (whole patch, specter ``ndecorr=True``).
-        regularize, minweight_frac, square_lowweight: see ``regularize_normal``.
-        threshold, method: static, eigenvalue clipping threshold and matrix
-            function method (``"eigh"`` or ``"newton_schulz"``), see ``sqrtm_sym``.
+        regularize: added (squared) to every bin's diagonal, see ``regularize_normal``.
+        minweight_frac: low-weight threshold, see ``regularize_normal``.
+        square_lowweight: static; specter's (True) or gpu_specter's low-weight term.
+        threshold: static eigenvalue clipping threshold (default specter's), see ``sqrtm_sym``.
+        method: static matrix function method, ``"eigh"`` or ``"newton_schulz"``.
 
     Returns:
         ``PatchSolution`` with flux, ivar, resolution, xflux.
@@ -77,12 +82,15 @@ def solve_patch(
     valid = jnp.asarray(valid, bool)
     Qr = regularize_normal(Q, fluxweight, valid, regularize, minweight_frac, square_lowweight)
     y = jnp.where(valid, jnp.asarray(y, Qr.dtype), 0.0)
-    L = cholesky_factor(Qr)
-    xflux = cholesky_solve(L, y)
-
     if decorrelate == "signal":
+        L = cholesky_factor(Qr)
+        xflux = cholesky_solve(L, y)
         flux, ivar, Rblocks = decorrelate_signal(L, xflux, nspec, nwave, threshold, method)
     else:
+        # The whole-patch eigendecomposition serves the solve too (no Cholesky): one
+        # factorisation instead of two, and it sidesteps an XLA:CPU hang seen with a
+        # triangular solve and a large eigh in one program (jax 0.10.2, 2 threads).
+        xflux = inv_sym(Qr, threshold=0.0, method=method) @ y
         flux, ivar, R = decorrelate_full(Qr, xflux, threshold, method)
         flux, ivar = flux.reshape(nspec, nwave), ivar.reshape(nspec, nwave)
         R4 = R.reshape(nspec, nwave, nspec, nwave)

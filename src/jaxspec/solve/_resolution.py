@@ -35,9 +35,25 @@ def apply_resolution(
 ) -> Float[Array, "... m"]:
     """Convolve ``flux`` with the resolution matrix stored as diagonals: ``R @ flux``.
 
-    ``diags`` in the DESI convention (row d holds offset ``ndiag - d``, see
-    :func:`resolution_diagonals`); leading axes (e.g. fibers) broadcast.  This is
-    how a model spectrum is compared with extracted flux.
+    This is how a model spectrum is compared with extracted flux: the extracted
+    flux is the truth seen through ``R``.
+
+    Args:
+        diags: ``(..., 2 ndiag + 1, nwave)`` diagonals in the DESI convention (row
+            ``d`` holds offset ``ndiag - d``, see :func:`resolution_diagonals`), e.g.
+            ``Extraction.resolution`` or a frame's ``RESOLUTION`` ``(nspec, 11, nwave)``.
+        flux: ``(..., nwave)`` model spectra on the same grid [photons / A]; leading
+            axes (e.g. fibers) broadcast against those of ``diags``.
+
+    Returns:
+        ``(..., nwave)`` the convolved spectra, ``R @ flux`` per fiber.  A JAX
+        function: differentiable and jit-able.
+
+    Example:
+        ```python
+        conv = jaxspec.apply_resolution(ex.resolution, model)    # (nspec, nwave)
+        pull = (ex.flux - conv) * jnp.sqrt(ex.ivar)               # ~ N(0, 1) if model is right
+        ```
     """
     diags = jnp.asarray(diags)
     flux = jnp.asarray(flux)

@@ -1,0 +1,260 @@
+"""``jaxspec fit-psf`` and ``jaxspec simulate-calib``: PSF calibration from arcs and flats.
+
+``simulate-calib`` writes a simulated arc-lamp or continuum-flat exposure as a
+preproc file; ``fit-psf`` fits a Gauss-Hermite PSF to such exposures (bundle by
+bundle, in wavelength blocks, see :func:`jaxspec._fit.fit_psf_ccd`) and writes
+it in the DESI GAUSS-HERMITE format, with an optional PNG of the residuals.
+Wired into the command line by :func:`jaxspec._cli.build_parser` through
+:func:`add_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+
+log = logging.getLogger("jaxspec")
+
+
+def _usage_error(msg: str) -> Exception:
+    from ._cli import UsageError  # lazy: _cli imports this module
+
+    return UsageError(msg)
+
+
+def _parse_range(text: str | None, option: str):
+    """'wmin,wmax' -> (wmin, wmax) or None."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise _usage_error(f"{option} {text!r}: expected two numbers wmin,wmax (Angstrom)") from None
+    if not hi > lo:
+        raise _usage_error(f"{option} {text!r}: need wmin < wmax")
+    return lo, hi
+
+
+def _read_gh_psf(path: str, option: str):
+    from .psf import GaussHermitePSF, read_psf
+
+    if not os.path.exists(path):
+        raise _usage_error(f"{option} {path}: no such file")
+    psf = read_psf(path)
+    if not isinstance(psf, GaussHermitePSF):
+        raise _usage_error(f"{option} {path}: a {type(psf).__name__}; PSF fitting needs a GAUSS-HERMITE PSF")
+    return psf
+
+
+def _fibers(args, psf) -> tuple[int, int]:
+    specmin = args.specmin
+    nspec = psf.nspec - specmin if args.nspec is None else args.nspec
+    if not 0 <= specmin < psf.nspec or nspec < 1 or specmin + nspec > psf.nspec:
+        raise _usage_error(
+            f"--specmin {specmin} --nspec {nspec}: the PSF has fibers 0..{psf.nspec - 1}")
+    return specmin, nspec
+
+
+def _lines(args, psf):
+    from ._calib import arc_lines, read_lines
+
+    if args.lines is None:
+        return arc_lines((psf.wmin, psf.wmax))
+    if not os.path.exists(args.lines):
+        raise _usage_error(f"--lines {args.lines}: no such file")
+    lines = read_lines(args.lines).between(psf.wmin, psf.wmax)
+    if len(lines) == 0:
+        raise _usage_error(f"--lines {args.lines}: no line between {psf.wmin:.1f} and {psf.wmax:.1f} A")
+    return lines
+
+
+# ---------------------------------------------------------------- simulate-calib
+def cmd_simulate_calib(args) -> int:
+    """Run ``jaxspec simulate-calib``."""
+    from . import _frameio
+    from ._calib import simulate_arc, simulate_flat
+
+    _frameio.check_output_path(args.output, args.overwrite)
+    psf = _read_gh_psf(args.psf, "--psf")
+    specmin, nspec = _fibers(args, psf)
+    wr = _parse_range(args.wavelength, "--wavelength")
+    # the lower-left sub-image that holds the fibers over the range (the whole CCD by default)
+    if wr is None:
+        xy = (0, psf.npix_x, 0, psf.npix_y)
+    else:
+        box = psf.xyrange((specmin, specmin + nspec), wr)
+        xy = (0, min(box[1] + psf.hsizex, psf.npix_x), 0, min(box[3] + psf.hsizey, psf.npix_y))
+    t0 = time.perf_counter()
+    if args.kind == "arc":
+        lines = _lines(args, psf)
+        cal = simulate_arc(psf, lines, specmin=specmin, nspec=nspec, xyrange=xy, peak_photons=args.level,
+                           readnoise=args.readnoise, seed=args.seed)
+    else:
+        cal = simulate_flat(psf, specmin=specmin, nspec=nspec, xyrange=xy, level=args.level,
+                            readnoise=args.readnoise, seed=args.seed)
+    header = {"FLAVOR": args.kind.upper(), "EXPTIME": 1.0}
+    path = _frameio.write_preproc(args.output, cal.image, cal.ivar, header=header, overwrite=args.overwrite)
+    print(f"jaxspec simulate-calib: {args.kind}, fibers {specmin}-{specmin + nspec - 1}, "
+          f"{cal.image.shape[0]} x {cal.image.shape[1]} pixels in {time.perf_counter() - t0:.1f} s -> {path}")
+    return 0
+
+
+# ---------------------------------------------------------------- fit-psf
+def plot_fit_residuals(path: str, fits, max_patches: int = 4) -> str:
+    """PNG of data, model and (data - model) sqrt(ivar) for the first patches of a fit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fits = list(fits)[:max_patches]
+    nimg = sum(len(f.kinds) for f in fits)
+    fig, axes = plt.subplots(nimg, 3, figsize=(9, 2.6 * nimg), squeeze=False)
+    row = 0
+    for f in fits:
+        x0, x1, y0, y1 = f.xyrange
+        ext = (x0 - 0.5, x1 - 0.5, y0 - 0.5, y1 - 0.5)
+        for kind, d, iv, m in zip(f.kinds, f.data, f.ivar, f.model):
+            vmax = np.percentile(d[iv > 0], 99.5) if np.any(iv > 0) else 1.0
+            r = (d - m) * np.sqrt(iv)
+            for ax, img, title, kw in (
+                (axes[row, 0], d, f"{kind} data", dict(vmin=0, vmax=vmax, cmap="gray")),
+                (axes[row, 1], m, "model", dict(vmin=0, vmax=vmax, cmap="gray")),
+                (axes[row, 2], r, f"residual / sigma (chi2/dof {f.reduced_chi2:.3f})",
+                 dict(vmin=-4, vmax=4, cmap="RdBu_r")),
+            ):
+                im = ax.imshow(img, origin="lower", extent=ext, aspect="auto", interpolation="nearest", **kw)
+                ax.set_title(f"{title}, fibers {f.fibers[0]}-{f.fibers[-1]}", fontsize=8)
+                ax.tick_params(labelsize=7)
+            fig.colorbar(im, ax=axes[row, 2])
+            row += 1
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def cmd_fit_psf(args) -> int:
+    """Run ``jaxspec fit-psf``."""
+    import numpy as np
+
+    from . import _frameio
+    from ._fit import ALL_WHAT, fit_psf_ccd
+    from .psf import write_psf
+
+    t0 = time.perf_counter()
+    _frameio.check_output_path(args.output, args.overwrite)
+    if args.plot is not None:
+        _frameio.check_output_path(args.plot, args.overwrite)
+    if not args.arc and not args.flat:
+        raise _usage_error("give at least one --arc or --flat image")
+    for opt, paths in (("--arc", args.arc), ("--flat", args.flat)):
+        for p in paths:
+            if not os.path.exists(p):
+                raise _usage_error(f"{opt} {p}: no such file")
+    what = tuple(w.strip() for w in args.what.split(",") if w.strip())
+    bad = [w for w in what if w not in ALL_WHAT]
+    if bad or not what:
+        raise _usage_error(f"--what {args.what!r}: choose from {','.join(ALL_WHAT)}")
+    if args.bundlesize < 1 or args.nblocks < 1 or args.maxiter < 1:
+        raise _usage_error("--bundlesize, --nblocks and --maxiter must be positive")
+    psf = _read_gh_psf(args.psf_init, "--psf-init")
+    specmin, nspec = _fibers(args, psf)
+    wr = _parse_range(args.wavelength, "--wavelength")
+    if wr is not None and (wr[0] < psf.wmin or wr[1] > psf.wmax):
+        raise _usage_error(f"--wavelength {args.wavelength}: outside the PSF's {psf.wmin:.1f}-{psf.wmax:.1f} A")
+    lines = _lines(args, psf) if args.arc else None
+    arcs = [_frameio.read_preproc(p) for p in args.arc]
+    flats = [_frameio.read_preproc(p) for p in args.flat]
+    for p, im in zip(list(args.arc) + list(args.flat), arcs + flats):
+        if im.image.shape[0] > psf.npix_y or im.image.shape[1] > psf.npix_x:
+            raise _usage_error(f"{p}: {im.image.shape} pixels, larger than the PSF's CCD")
+
+    def progress(done, total, fr):
+        log.info("patch %d/%d: fibers %d-%d rows %d-%d: %d iterations, chi2/dof %.4f, %.1f s",
+                 done, total, fr.fibers[0], fr.fibers[-1], fr.xyrange[2], fr.xyrange[3], fr.niter,
+                 fr.reduced_chi2, fr.seconds)
+
+    log.info("fitting %s of fibers %d-%d from %d arc(s) and %d flat(s)",
+             ",".join(what), specmin, specmin + nspec - 1, len(arcs), len(flats))
+    fitted, fits = fit_psf_ccd(
+        psf, arcs, flats, lines=lines, specmin=specmin, nspec=nspec, bundlesize=args.bundlesize,
+        nblocks=args.nblocks, waverange=wr, progress=progress, what=what, maxiter=args.maxiter,
+    )
+    path = write_psf(args.output, fitted, overwrite=args.overwrite)
+    if args.plot is not None:
+        plot_fit_residuals(args.plot, fits)
+        log.info("wrote %s", args.plot)
+    chi2 = sum(f.chi2 for f in fits)
+    ndof = sum(f.ndof for f in fits)
+    nconv = sum(f.converged for f in fits)
+    dx = [np.abs(f.params["dx"][:, 0]).max() for f in fits if "dx" in f.params]
+    print(f"jaxspec fit-psf: {len(fits)} patches ({nconv} converged), chi2/dof {chi2 / max(ndof, 1):.4f}"
+          + (f", largest x shift {max(dx):.3f} px" if dx else "")
+          + f", {time.perf_counter() - t0:.1f} s -> {os.path.abspath(path)}")
+    return 0
+
+
+def add_parser(subparsers, common) -> argparse.ArgumentParser:
+    """Add ``fit-psf`` and ``simulate-calib`` to ``subparsers``; ``common(p)`` adds the shared options."""
+    s = subparsers.add_parser(
+        "simulate-calib", help="simulate an arc-lamp or continuum-flat exposure (preproc file)",
+        description="Project arc lines (the built-in Hg/Ar/Cd/Ne/Kr/Xe list or --lines) or a smooth "
+                    "continuum through a PSF, add Poisson and read noise, and write a preproc file.",
+    )
+    s.add_argument("--psf", required=True, help="GAUSS-HERMITE PSF file to simulate with")
+    s.add_argument("--kind", choices=("arc", "flat"), required=True, help="arc lamp or continuum flat")
+    s.add_argument("-o", "--output", required=True, help="output preproc FITS file")
+    s.add_argument("--specmin", type=int, default=0, help="first lit fiber (default 0)")
+    s.add_argument("--nspec", type=int, default=None, help="number of lit fibers (default: to the last)")
+    s.add_argument("--wavelength", default=None,
+                   help="wmin,wmax [A]: write only the lower-left sub-image that holds this range "
+                        "(default: the whole CCD)")
+    s.add_argument("--lines", default=None,
+                   help="arc lines: one wavelength [A] per row, optionally a relative flux (default: built-in)")
+    s.add_argument("--level", type=float, default=None,
+                   help="arc: photons of the brightest line (default 3e4); flat: photons/A (default 2e4)")
+    s.add_argument("--readnoise", type=float, default=3.0, help="read noise [electrons] (default 3)")
+    s.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    common(s)
+    s.set_defaults(func=_simulate_calib_defaults)
+
+    p = subparsers.add_parser(
+        "fit-psf", help="fit a Gauss-Hermite PSF to arc and flat exposures",
+        description="Fit trace shifts, GHSIGX/GHSIGY scales and Gauss-Hermite terms of a PSF, with the "
+                    "line fluxes and flat amplitudes, to calibration images by Levenberg-Marquardt on the "
+                    "pixel chi2; bundle by bundle in wavelength blocks.  Writes a GAUSS-HERMITE PSF file.",
+    )
+    p.add_argument("--arc", action="append", default=[], metavar="IMAGE", help="arc preproc file (repeatable)")
+    p.add_argument("--flat", action="append", default=[], metavar="IMAGE", help="flat preproc file (repeatable)")
+    p.add_argument("--psf-init", required=True, metavar="PSF", help="starting GAUSS-HERMITE PSF file")
+    p.add_argument("-o", "--output", required=True, metavar="PSF", help="output PSF file")
+    p.add_argument("--lines", default=None,
+                   help="arc lines: one wavelength [A] per row (default: the built-in lamp list)")
+    p.add_argument("--specmin", type=int, default=0, help="first fiber to fit (default 0)")
+    p.add_argument("--nspec", type=int, default=None,
+                   help="number of fibers to fit (default: to the last); the others are copied")
+    p.add_argument("--bundlesize", type=int, default=25, help="fibers fitted together (default 25)")
+    p.add_argument("--nblocks", type=int, default=8, help="wavelength blocks per bundle (default 8)")
+    p.add_argument("--wavelength", default=None,
+                   help="wmin,wmax [A] to fit (default: the wavelengths every fiber sees)")
+    p.add_argument("--what", default="xtrace,ytrace,sigma,gh",
+                   help="what to fit, comma-separated from xtrace,ytrace,sigma,gh (default: all)")
+    p.add_argument("--maxiter", type=int, default=30, help="most iterations per patch (default 30)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write a PNG of the residuals of the first patches")
+    common(p)
+    p.set_defaults(func=cmd_fit_psf)
+    return p
+
+
+def _simulate_calib_defaults(args) -> int:
+    if args.level is None:
+        args.level = 3.0e4 if args.kind == "arc" else 2.0e4
+    if args.level <= 0:
+        raise _usage_error(f"--level must be positive, got {args.level}")
+    return cmd_simulate_calib(args)
