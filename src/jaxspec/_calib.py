@@ -178,7 +178,12 @@ def read_lines(path: str | os.PathLike) -> LineList:
 
 
 def write_lines(path: str | os.PathLike, lines: LineList) -> None:
-    """Write ``lines`` in the format :func:`read_lines` reads."""
+    """Write ``lines`` in the format :func:`read_lines` reads.
+
+    Args:
+        path: output text file (one line per row: wavelength [A], relative flux, element).
+        lines: the line list.
+    """
     with open(path, "w") as fh:
         fh.write("# wavelength[A, air]  relative_flux  element\n")
         for w, f, e in zip(lines.wave, lines.flux, lines.element):
@@ -264,6 +269,20 @@ def simulate_arc(
     spot) times the fiber's ``throughput`` (default: seeded random 0.9-1.1 per
     fiber); the others scale with their relative flux.  Lines outside the
     PSF's wavelength range are left out.  Poisson + Gaussian read noise.
+
+    Args:
+        psf: the PSF that makes the image.
+        lines: arc lines (default: :func:`arc_lines` over the PSF's range).
+        specmin: first lit fiber.
+        nspec: number of lit fibers (default: all of the PSF's from ``specmin``).
+        xyrange: ``(xmin, xmax, ymin, ymax)`` CCD box of the image (default: the CCD).
+        peak_photons: photons of the brightest line in a fiber of throughput 1.
+        throughput: per-fiber throughput, (nspec,) or a scalar.
+        readnoise: Gaussian read noise [electrons].
+        seed: random seed.
+
+    Returns:
+        A :class:`CalibImage` (image, ivar, noiseless model, lines and photons per fiber).
     """
     specmin, nspec = _fibers(psf, specmin, nspec)
     rng = np.random.default_rng(seed)
@@ -301,6 +320,20 @@ def simulate_flat(
     The continuum is sampled every ``dw`` A over the PSF's range (``dw`` well
     below the line-spread width, so the sampling is invisible); ``throughput``
     defaults to seeded random 0.9-1.1 per fiber.  Poisson + read noise.
+
+    Args:
+        psf: the PSF that makes the image.
+        specmin: first lit fiber.
+        nspec: number of lit fibers (default: all of the PSF's from ``specmin``).
+        xyrange: ``(xmin, xmax, ymin, ymax)`` CCD box of the image (default: the CCD).
+        level: photons per A of a fiber of throughput 1 where the lamp peaks.
+        dw: sampling step of the continuum [A].
+        throughput: per-fiber throughput, (nspec,) or a scalar.
+        readnoise: Gaussian read noise [electrons].
+        seed: random seed.
+
+    Returns:
+        A :class:`CalibImage`.
     """
     specmin, nspec = _fibers(psf, specmin, nspec)
     rng = np.random.default_rng(seed)

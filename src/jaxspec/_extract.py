@@ -349,13 +349,7 @@ def extract_patches(
         tgt = targets[sel].copy()
         if (c + 1) * chunk > npatch:  # wrapped patches were stitched already
             tgt[npatch - c * chunk:] = nout
-        tgt = jnp.asarray(tgt.reshape(-1))
-        for name in out:
-            if name == "resolution":
-                vals = jnp.moveaxis(res[name], 2, 0).reshape(2 * geom.ndiag + 1, -1)
-                out[name] = out[name].at[:, tgt].set(vals, mode="drop")
-            else:
-                out[name] = out[name].at[tgt].set(res[name].reshape(-1), mode="drop")
+        out = _stitch(out, res, jnp.asarray(tgt.reshape(-1)))
         if progress is not None:
             progress(min((c + 1) * chunk, npatch), npatch)
 
@@ -381,6 +375,19 @@ def extract_patches(
         model=model_img,
         specmin=geom.specmin,
     )
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _stitch(out: dict, res: dict, tgt):
+    """Scatter one chunk's patch results into the flat outputs (one compiled call)."""
+    new = {}
+    for name, arr in out.items():
+        if name == "resolution":
+            vals = jnp.moveaxis(res[name], 2, 0).reshape(arr.shape[0], -1)
+            new[name] = arr.at[:, tgt].set(vals, mode="drop")
+        else:
+            new[name] = arr.at[tgt].set(res[name].reshape(-1), mode="drop")
+    return new
 
 
 def _stitch_targets(geom: PatchGeometry, nbin: int) -> np.ndarray:
