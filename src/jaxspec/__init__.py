@@ -11,6 +11,8 @@ The public API:
 * Calibration: :func:`simulate_arc`, :func:`simulate_flat`, :func:`arc_lines`,
   :func:`fit_psf`, :func:`fit_psf_ccd`, :func:`flux_jacobian`,
   :func:`propagate_psf_uncertainty`.
+* Many frames and devices: :func:`run_batch` of :class:`FrameJob` s,
+  :func:`extract_sharded` (local devices), :func:`extract_distributed` (MPI ranks).
 * DESI files: :func:`read_preproc`, :func:`write_preproc`, :func:`read_frame`,
   :func:`write_frame`.
 * Linear algebra of one patch: :mod:`jaxspec.solve`.
@@ -20,6 +22,7 @@ Importing jaxspec never changes JAX's global configuration; enable float64 with
 """
 
 from . import psf, solve
+from ._batch import FrameJob, run_batch
 from ._calib import (
     CalibImage,
     LineList,
@@ -30,6 +33,7 @@ from ._calib import (
     simulate_flat,
     write_lines,
 )
+from ._distribute import extract_distributed, extract_sharded
 from ._extract import Extraction, extract, extract_patches
 from ._fit import (
     CalibPatch,
@@ -54,6 +58,7 @@ __all__ = [
     "Extraction",
     "FitResult",
     "Frame",
+    "FrameJob",
     "GaussHermitePSF",
     "GaussianPSF",
     "LineList",
@@ -68,7 +73,9 @@ __all__ = [
     "calib_patch",
     "desi_like_psf",
     "extract",
+    "extract_distributed",
     "extract_patches",
+    "extract_sharded",
     "fit_psf",
     "fit_psf_ccd",
     "flat_spectrum",
@@ -81,6 +88,7 @@ __all__ = [
     "read_lines",
     "read_preproc",
     "read_psf",
+    "run_batch",
     "simulate",
     "simulate_arc",
     "simulate_flat",

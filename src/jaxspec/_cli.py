@@ -35,6 +35,9 @@ def _setup(args: argparse.Namespace) -> None:
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     log.setLevel(level)
     device = getattr(args, "device", None)
+    pre = getattr(args, "before_jax", None)
+    if pre is not None:  # e.g. extract-batch binds each MPI rank to its GPUs before JAX starts
+        pre(args)
     import jax
 
     if device == "cpu":

@@ -261,14 +261,42 @@ def extract(
     ivar = _as_array(ivar)
     if image.ndim != 2 or image.shape != ivar.shape:
         raise ValueError(f"image {image.shape} and ivar {ivar.shape} must be 2D arrays of one shape")
-    geom = patch_geometry(
-        psf, np.asarray(wave), specmin, nspec, bundlesize, nsubbundles, wavesize, wavepad_frac, pixpad_frac
+    geom = _cached_geometry(
+        psf, np.asarray(wave, dtype=float), specmin, nspec, bundlesize, nsubbundles, wavesize, wavepad_frac, pixpad_frac
     )
     return extract_patches(
         image, ivar, psf, geom, xyrange=xyrange, regularize=regularize, decorrelate=decorrelate,
         psferr=psferr, model=model, minweight_frac=minweight_frac, chunk_size=chunk_size, progress=progress,
         solve_chunk=solve_chunk,
     )
+
+
+_GEOMETRY_CACHE: dict = {}
+_GEOMETRY_CACHE_SIZE = 64
+
+
+def _cached_geometry(psf: PSF, wave: np.ndarray, *args) -> PatchGeometry:
+    """``patch_geometry`` remembered per PSF object (PSF modules are immutable).
+
+    A night's frames reuse one PSF per camera: its patches are cut once.  Keyed by
+    the PSF's identity (checked through a weak reference, so a new object at a
+    recycled address is never confused with an old one), the grid and the options.
+    """
+    import weakref
+
+    key = (id(psf), wave.tobytes(), args)
+    hit = _GEOMETRY_CACHE.get(key)
+    if hit is not None and hit[0]() is psf:
+        return hit[1]
+    geom = patch_geometry(psf, wave, *args)
+    try:
+        ref = weakref.ref(psf)
+    except TypeError:  # not weak-referenceable: do not cache
+        return geom
+    if len(_GEOMETRY_CACHE) >= _GEOMETRY_CACHE_SIZE:
+        _GEOMETRY_CACHE.pop(next(iter(_GEOMETRY_CACHE)))
+    _GEOMETRY_CACHE[key] = (ref, geom)
+    return geom
 
 
 def extract_patches(

@@ -1,0 +1,205 @@
+"""``jaxspec extract-batch``: many frames across devices and MPI ranks, resumable.
+
+Wired into the command line by :func:`jaxspec._cli.build_parser` through
+:func:`add_parser`.  The work is done by :func:`jaxspec._batch.run_batch`; ranks and
+GPUs come from :mod:`jaxspec._distribute`.  Exit status: 0 when every frame was
+extracted or skipped, 1 when any failed, 2 for a bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+log = logging.getLogger("jaxspec")
+
+
+def _usage_error(msg: str) -> Exception:
+    from ._cli import UsageError  # lazy: _cli imports this module
+
+    return UsageError(msg)
+
+
+class _FrameBar:
+    """A tqdm bar of frames on a terminal (rank 0, not --quiet); silent otherwise."""
+
+    def __init__(self, quiet: bool):
+        self.bar = None
+        self.enabled = not quiet and sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="extract-batch", unit="frame")
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _jobs(args):
+    from . import _batch
+
+    if args.glob is not None:
+        if args.lists:
+            raise _usage_error("give job list files or --glob, not both")
+        if args.psf is None or args.output is None:
+            raise _usage_error("--glob needs --psf TEMPLATE and --output TEMPLATE (fields {dir} {name} {stem} {tag})")
+        try:
+            return _batch.glob_jobs(args.glob, args.psf, args.output)
+        except (FileNotFoundError, ValueError) as err:
+            raise _usage_error(str(err)) from None
+    if not args.lists:
+        raise _usage_error("give one or more job list files (lines 'IMAGE PSF OUTPUT') or --glob PATTERN")
+    if args.psf is not None or args.output is not None:
+        raise _usage_error("--psf and --output are templates for --glob; a job list names them per frame")
+    jobs = []
+    for path in args.lists:
+        try:
+            jobs.extend(_batch.read_job_list(path))
+        except (FileNotFoundError, ValueError) as err:
+            raise _usage_error(str(err)) from None
+    if not jobs:
+        raise _usage_error(f"no jobs in {', '.join(args.lists)}")
+    return jobs
+
+
+def _options(args):
+    from . import _batch
+    from ._cli import _parse_wavelength
+
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise _usage_error(f"--chunk-size must be positive, got {args.chunk_size}")
+    if args.bundlesize < 1 or args.nsubbundles < 1 or args.bundlesize % args.nsubbundles:
+        raise _usage_error(f"--bundlesize {args.bundlesize} must be a multiple of --nsubbundles {args.nsubbundles}")
+    if args.nwavestep < 1:
+        raise _usage_error(f"--nwavestep must be positive, got {args.nwavestep}")
+    return _batch.ExtractOptions(
+        wavelength=_parse_wavelength(args.wavelength), specmin=args.specmin, nspec=args.nspec,
+        bundlesize=args.bundlesize, nsubbundles=args.nsubbundles, nwavestep=args.nwavestep,
+        wavepad_frac=args.wavepad_frac, pixpad_frac=args.pixpad_frac, regularize=args.regularize,
+        psferr=args.psferr, decorrelate=args.decorrelate, chunk_size=args.chunk_size,
+    )
+
+
+def _bind_before_jax(args) -> None:
+    """Give this rank its GPUs (``CUDA_VISIBLE_DEVICES``) before anything starts JAX.
+
+    Called by ``_cli._setup`` ahead of ``--device``'s JAX calls; idempotent.
+    """
+    from . import _distribute
+
+    if getattr(args, "_world", None) is not None:
+        return
+    try:
+        args._world = _distribute.world(args.mpi)
+    except RuntimeError as err:
+        raise _usage_error(str(err)) from None
+    try:
+        if args.gpus_per_rank is not None and args.gpus_per_rank < 1:
+            raise _usage_error(f"--gpus-per-rank must be >= 1, got {args.gpus_per_rank}")
+        _distribute.bind_gpus(args._world, gpus_per_rank=args.gpus_per_rank, device_map=args.device_map)
+    except ValueError as err:
+        raise _usage_error(f"--device-map: {err}") from None
+
+
+def cmd_extract_batch(args) -> int:
+    """Run ``jaxspec extract-batch``."""
+    from . import _batch
+
+    _bind_before_jax(args)
+    w = args._world
+    opts = _options(args)
+    jobs = _jobs(args) if w.root else None
+    if args.failures is not None and w.root:
+        d = os.path.dirname(os.path.abspath(args.failures))
+        if not os.path.isdir(d):
+            raise _usage_error(f"--failures {args.failures}: directory {d} does not exist")
+    bar = _FrameBar(args.quiet or not w.root)
+    try:
+        summary = _batch.run_batch(jobs, opts, overwrite=args.overwrite, overlap=not args.no_overlap, world=w,
+                                   progress=bar)
+    except ValueError as err:  # bad job list (duplicate outputs, ...)
+        raise _usage_error(str(err)) from None
+    except BaseException:
+        if not w.serial:  # one rank failing must not leave the others waiting
+            log.exception("rank %d: batch aborted", w.rank)
+            w.comm.Abort(3)
+        raise
+    finally:
+        bar.close()
+    if w.root:
+        print(summary.text())
+        if args.failures is not None:
+            failed = summary.failures()
+            path = _batch.write_job_list(
+                args.failures, [_batch.FrameJob(r["image"], jobs[r["index"]].psf, r["output"]) for r in failed],
+                comments=[r["error"] for r in failed],
+            )
+            print(f"{len(failed)} failed job(s) listed in {path}")
+        if args.summary_json is not None:
+            with open(args.summary_json, "w", encoding="utf-8") as fh:
+                fh.write(_batch.summary_json(summary))
+    return 1 if summary.failed else 0
+
+
+def add_parser(subparsers, common) -> argparse.ArgumentParser:
+    """Add the ``extract-batch`` subcommand to ``subparsers``; ``common(p)`` adds the shared options."""
+    p = subparsers.add_parser(
+        "extract-batch", help="extract many frames across GPUs and MPI ranks (resumable)",
+        description="Extract many (image, PSF, output) triples: from job list files (one 'IMAGE PSF OUTPUT' "
+                    "per line) or --glob with --psf/--output templates.  Outputs that exist are skipped, so a "
+                    "killed run resumes where it stopped; a failed frame is recorded and the others go on; "
+                    "the exit status is 1 when any failed.  Under mpirun/srun the ranks share the frames "
+                    "(see docs/cluster.md).",
+        epilog="examples:\n"
+               "  jaxspec extract-batch jobs.txt\n"
+               "  jaxspec extract-batch --glob 'preproc/preproc-*.fits' --psf 'psf/psf-{tag}.fits' "
+               "--output 'frames/frame-{tag}.fits'\n"
+               "  srun -n 8 --gpus-per-task 1 jaxspec extract-batch jobs.txt",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("lists", nargs="*", metavar="LIST", help="job list file(s): lines 'IMAGE PSF OUTPUT'")
+    p.add_argument("--glob", default=None, metavar="PATTERN", help="preproc files to extract, e.g. 'preproc-*.fits'")
+    p.add_argument("--psf", default=None, metavar="TEMPLATE",
+                   help="with --glob: PSF path template, fields {dir} {name} {stem} {tag} of the input")
+    p.add_argument("-o", "--output", default=None, metavar="TEMPLATE",
+                   help="with --glob: output path template, e.g. 'frames/frame-{tag}.fits'")
+    p.add_argument("-w", "--wavelength", default=None,
+                   help="wmin,wmax,dw in Angstrom (default: each PSF's range at 0.8 A)")
+    p.add_argument("-s", "--specmin", type=int, default=0, help="first fiber (default 0)")
+    p.add_argument("-n", "--nspec", type=int, default=None, help="number of fibers (default: all of the PSF's)")
+    p.add_argument("--bundlesize", type=int, default=25, help="fibers per bundle (default 25)")
+    p.add_argument("--nsubbundles", type=int, default=5, help="subbundles per bundle (default 5)")
+    p.add_argument("--nwavestep", type=int, default=50, help="wavelength bins per patch (default 50)")
+    p.add_argument("--wavepad-frac", type=float, default=0.2, help="extra wavelength padding (default 0.2)")
+    p.add_argument("--pixpad-frac", type=float, default=0.8, help="extra pixel rows (default 0.8)")
+    p.add_argument("-r", "--regularize", type=float, default=0.0, help="regularisation (default 0)")
+    p.add_argument("--psferr", type=float, default=None, help="fractional PSF error for chi2pix (default: the PSF's)")
+    p.add_argument("--decorrelate", choices=["signal", "full"], default="signal",
+                   help="decorrelation: per fiber (signal, default) or whole patch (full)")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="patches per compiled call over all of a rank's devices (default by device)")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="read, extract and write one frame after another (default: reading and writing "
+                        "run in threads beside the extraction)")
+    p.add_argument("--mpi", choices=["auto", "on", "off"], default="auto",
+                   help="use MPI ranks: auto (when started by mpirun/srun, default), on, off")
+    p.add_argument("--gpus-per-rank", type=int, default=None,
+                   help="GPUs each rank takes (default: the node's GPUs shared out evenly; ranks share a "
+                        "GPU when there are more ranks than GPUs)")
+    p.add_argument("--device-map", default=None,
+                   help="GPU per local rank, e.g. '0,0,1,1' (two ranks per GPU) or '0,1;2,3' (two GPUs each)")
+    p.add_argument("--failures", default=None, metavar="FILE",
+                   help="write the failed jobs to FILE as a job list (with the errors as comments)")
+    p.add_argument("--summary-json", default=None, metavar="FILE",
+                   help="write the summary with per-frame timings to FILE (JSON)")
+    common(p)
+    p.set_defaults(func=cmd_extract_batch, before_jax=_bind_before_jax, _world=None)
+    return p
