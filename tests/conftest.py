@@ -3,8 +3,12 @@
 import os
 from pathlib import Path
 
-import jax
-import pytest
+# XLA's CPU pool must outnumber the batched LAPACK kernels that can run at once
+# (jaxlib 0.10 deadlocks otherwise on 2 cores); set before JAX starts. The CLI does the same.
+os.environ.setdefault("PJRT_NPROC", str(2 * (os.cpu_count() or 1)))
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 # XLA:CPU's asynchronous dispatch can deadlock when eager ops are queued behind a

@@ -508,7 +508,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cpu_pool_env() -> None:
+    """Size XLA's CPU thread pool before JAX starts (the CLI's job, never the library's).
+
+    jaxlib 0.10's batched CPU LAPACK kernels (Cholesky, triangular solves, eigh) wait on
+    that pool; with one thread per core, two of them running at once can deadlock on a
+    2-core machine.  Twice the cores (``PJRT_NPROC``, unless set) leaves them room.
+    """
+    os.environ.setdefault("PJRT_NPROC", str(2 * (os.cpu_count() or 1)))
+
+
 def main(argv: list[str] | None = None) -> int:
+    cpu_pool_env()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

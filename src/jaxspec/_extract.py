@@ -168,10 +168,18 @@ def _canvas(image, ivar, xyrange, geom: PatchGeometry, psf: PSF):
     ox = min(xmin, int(box[:, 0].min())) - nx
     hy = max(ymax, int(box[:, 2].max()) + nby) + 2 * ny - oy
     hx = max(xmax, int(box[:, 0].max()) + nbx) + 2 * nx - ox
-    good = jnp.isfinite(image) & jnp.isfinite(ivar) & (ivar > 0)
-    img = jnp.zeros((hy, hx), image.dtype).at[ymin - oy:ymax - oy, xmin - ox:xmax - ox].set(jnp.where(good, image, 0.0))
-    ivr = jnp.zeros((hy, hx), image.dtype).at[ymin - oy:ymax - oy, xmin - ox:xmax - ox].set(jnp.where(good, ivar, 0.0))
+    img, ivr = _place(image, ivar, (hy, hx), ymin - oy, xmin - ox)
     return img, ivr, (oy, ox)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _place(image, ivar, shape, y0, x0):
+    """Zero canvas of ``shape`` with the finite, positive-ivar pixels at (y0, x0)."""
+    good = jnp.isfinite(image) & jnp.isfinite(ivar) & (ivar > 0)
+    zero = jnp.zeros(shape, image.dtype)
+    img = jax.lax.dynamic_update_slice(zero, jnp.where(good, image, 0.0), (y0, x0))
+    ivr = jax.lax.dynamic_update_slice(zero, jnp.where(good, ivar, 0.0), (y0, x0))
+    return img, ivr
 
 
 def _as_array(a):
@@ -349,8 +357,7 @@ def extract_patches(
     )
     # keep every margin box inside the canvas (a fixed pad: two frames whose static
     # shapes agree get canvases of one shape, so they share the compiled program)
-    canvas_img = jnp.pad(canvas_img, ((0, static.box[0]), (0, static.box[1])))
-    canvas_ivar = jnp.pad(canvas_ivar, ((0, static.box[0]), (0, static.box[1])))
+    canvas_img, canvas_ivar = _pad_canvas(canvas_img, canvas_ivar, static.box)
     inputs = _patch_inputs(geom, origin, (ny, nx), nbin)
 
     npatch = geom.npatch
@@ -364,20 +371,20 @@ def extract_patches(
         for name in ("flux", "ivar", "xflux", "chi2pix", "pixmask_fraction")
     }
     out["resolution"] = jnp.zeros((2 * geom.ndiag + 1, nout), dtype)
-    targets = _stitch_targets(geom, nbin)
+    # every chunk's inputs and output indices, sent to the device once; the last chunk
+    # wraps around to the first patches (same shape) and drops their results
+    sel = np.arange(nchunk * chunk) % npatch
+    stacked = {k: jnp.asarray(v[sel].reshape((nchunk, chunk) + v.shape[1:])) for k, v in inputs.items()}
+    targets = _stitch_targets(geom, nbin)[sel]
+    targets[npatch:] = nout
+    targets = jnp.asarray(targets.reshape(nchunk, -1))
 
     if progress is not None:
         progress(0, npatch)
     for c in range(nchunk):
-        sel = np.arange(c * chunk, (c + 1) * chunk) % npatch  # last chunk wraps: same shape
-        res = solve_chunk(
-            psf, canvas_img, canvas_ivar, {k: jnp.asarray(v[sel]) for k, v in inputs.items()},
-            regularize, minweight_frac, psferr, static,
-        )
-        tgt = targets[sel].copy()
-        if (c + 1) * chunk > npatch:  # wrapped patches were stitched already
-            tgt[npatch - c * chunk:] = nout
-        out = _stitch(out, res, jnp.asarray(tgt.reshape(-1)))
+        chunk_inputs, tgt = _take_chunk(stacked, targets, c)
+        res = solve_chunk(psf, canvas_img, canvas_ivar, chunk_inputs, regularize, minweight_frac, psferr, static)
+        out = _stitch(out, res, tgt)
         if progress is not None:
             progress(min((c + 1) * chunk, npatch), npatch)
 
@@ -403,6 +410,19 @@ def extract_patches(
         model=model_img,
         specmin=geom.specmin,
     )
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _pad_canvas(img, ivr, box):
+    """Room for every margin box past the canvas's far edges."""
+    pad = ((0, box[0]), (0, box[1]))
+    return jnp.pad(img, pad), jnp.pad(ivr, pad)
+
+
+@jax.jit
+def _take_chunk(stacked: dict, targets, c):
+    """Chunk ``c`` of the stacked per-patch inputs and of the output indices."""
+    return {k: v[c] for k, v in stacked.items()}, targets[c]
 
 
 @functools.partial(jax.jit, donate_argnums=0)
