@@ -1,7 +1,8 @@
 """Throughput of a full DESI frame extraction (GPU or CPU), float64.
 
 Simulates an r-camera frame (500 fibers, 5760-7620 A at 0.8 A = 2326 bins) through
-``psf-r0-00067784.fits`` (``--camera z``: a 2881-bin grid of the same step), then
+``psf-r0-00067784.fits`` (``--camera z``: a 2881-bin grid over the PSF's whole range,
+~0.78 A steps, the z camera's number of bins), then
 extracts it with
 
 * ``ref``: the reference settings (``jaxspec.extract`` defaults: wavesize 50,
@@ -61,6 +62,11 @@ def make_frame(psf, nspec: int, nwave: int, seed: int = 0):
     import jaxspec
 
     wave = 5760.0 + 0.8 * np.arange(nwave)
+    if wave[-1] > psf.wmax - 10.0:
+        # more bins than the r PSF holds at 0.8 A (the z-camera-sized grid): the same
+        # number of bins, spread over the PSF's range
+        lo, hi = psf.wmin + 10.0, psf.wmax - 10.0
+        wave = lo + (hi - lo) / (nwave - 1) * np.arange(nwave)
     rng = np.random.default_rng(seed)
     # continuum + emission lines, photons / A
     flux = 50.0 + 30.0 * rng.random((nspec, 1)) * np.ones((1, nwave))

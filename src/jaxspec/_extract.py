@@ -363,6 +363,10 @@ def extract_patches(
     npatch = geom.npatch
     chunk = min(chunk_size or default_chunk_size(), npatch)
     nchunk = -(-npatch // chunk)
+    # the same number of calls with chunks just big enough: the last one wraps around
+    # by fewer than 8 patches instead of up to a whole chunk
+    chunk = min(chunk, _round_up(-(-npatch // nchunk), 8))
+    nchunk = -(-npatch // chunk)
     dtype = canvas_img.dtype
     nwave = len(geom.wave)
     nout = geom.nspec * nwave

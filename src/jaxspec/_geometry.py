@@ -169,6 +169,11 @@ def _xyranges(psf: PSF, tables: _TraceTables, specrange: np.ndarray, waverange: 
             inside = (w_rows[None, :] >= wmin[sel, None]) & (w_rows[None, :] <= wmax[sel, None]) & on_rows[None, :]
             cand_x = np.concatenate([np.where(inside, x_rows[None, :], np.nan), end_x[sel]], axis=1)
             cand_w = np.concatenate([np.broadcast_to(w_rows, inside.shape), ends[sel]], axis=1)
+            # a block whose trace never crosses the CCD (a grid reaching past the PSF's
+            # rows): fall back to the trace's x at the block's ends
+            off = np.all(np.isnan(cand_x), axis=1)
+            if np.any(off):
+                cand_x[off, -2:] = x_end[sel][off]
             i = np.nanargmin(cand_x, axis=1) if lower else np.nanargmax(cand_x, axis=1)
             best_x[sel] = cand_x[np.arange(len(sel)), i]
             best_w[sel] = cand_w[np.arange(len(sel)), i]
