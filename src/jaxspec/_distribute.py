@@ -177,10 +177,14 @@ def extract_sharded(image, ivar, psf, wave, *, devices: Sequence | None = None, 
     """:func:`jaxspec.extract` with the patch solve spread over several devices.
 
     Args:
-        image, ivar, psf, wave, kwargs: as :func:`jaxspec.extract`.
+        image: (ny, nx) pixels, as :func:`jaxspec.extract`.
+        ivar: (ny, nx) inverse variances.
+        psf: the PSF model.
+        wave: (nwave,) wavelength grid [A].
         devices: devices to use (default: all of this process's).
         chunk_size: patches per call over all devices (default: the per-device
             default times the device count).
+        **kwargs: the other options of :func:`jaxspec.extract`.
 
     Returns:
         The :class:`jaxspec.Extraction`, equal to the one-device result.
@@ -340,9 +344,15 @@ def extract_distributed(image, ivar, psf, wave, *, comm, specmin: int = 0, nspec
     are gathered with mpi4jax to rank 0 of ``comm``.  Call it on every rank.
 
     Args:
-        image, ivar, psf, wave, kwargs: as :func:`jaxspec.extract` (same on every rank).
+        image: (ny, nx) pixels, as :func:`jaxspec.extract` (the same on every rank).
+        ivar: (ny, nx) inverse variances.
+        psf: the PSF model.
+        wave: (nwave,) wavelength grid [A].
         comm: mpi4py communicator.
-        specmin, nspec, bundlesize: the fibers, as :func:`jaxspec.extract`.
+        specmin: first fiber.
+        nspec: number of fibers (whole bundles).
+        bundlesize: fibers per bundle.
+        **kwargs: the other options of :func:`jaxspec.extract`.
 
     Returns:
         On rank 0: ``wave`` (nwave,) and ``flux``, ``ivar``, ``xflux``, ``chi2pix``,

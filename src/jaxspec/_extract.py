@@ -308,8 +308,19 @@ def _cached_geometry(psf: PSF, wave: np.ndarray, *args) -> PatchGeometry:
 
 
 def extract_patches(
-    image, ivar, psf: PSF, geom: PatchGeometry, xyrange=None, regularize=0.0, decorrelate="signal",
-    psferr=None, model=False, minweight_frac=1e-4, chunk_size=None, progress=None, solve_chunk=None,
+    image: Float[Array, "ny nx"],
+    ivar: Float[Array, "ny nx"],
+    psf: PSF,
+    geom: PatchGeometry,
+    xyrange: tuple[int, int, int, int] | None = None,
+    regularize: float = 0.0,
+    decorrelate: str = "signal",
+    psferr: float | None = None,
+    model: bool = False,
+    minweight_frac: float = 1e-4,
+    chunk_size: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    solve_chunk: Callable | None = None,
 ) -> Extraction:
     """Extract with a fixed patch geometry (see :func:`extract` for the arguments).
 

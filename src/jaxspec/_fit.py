@@ -883,27 +883,33 @@ def fit_psf(
 
     Args:
         psf_init: starting PSF (a :class:`GaussHermitePSF`, e.g. from :func:`read_psf`).
-        arcs, flats: calibration images: :class:`CalibImage`, ``(image, ivar)``
-            (full CCD) or ``(image, ivar, xyrange)`` (a sub-image at ``xyrange``).
-            Every arc gets its own line fluxes, every flat its own amplitudes.
+        arcs: arc images: :class:`CalibImage`, ``(image, ivar)`` (full CCD) or
+            ``(image, ivar, xyrange)`` (a sub-image at ``xyrange``). Every arc gets
+            its own line fluxes.
+        flats: flat images, in the same forms; every flat gets its own amplitudes.
         lines: arc line list (required with arcs); lines whose spots reach the
             box are modelled.
-        fibers / specmin, nspec: fibers to fit (consecutive absolute indices;
-            their PSF corrections and fluxes are free; other fibers are not
-            modelled, so keep the box clear of their light: fit whole bundles).
-        waverange: wavelength range [A] whose pixels are fitted (default: the
-            PSF's); xyrange: explicit pixel box (overrides ``waverange``).
+        fibers: fibers to fit (consecutive absolute indices; their PSF
+            corrections and fluxes are free; other fibers are not modelled, so keep
+            the box clear of their light: fit whole bundles).
+        specmin: first fiber to fit, when ``fibers`` is not given.
+        nspec: number of fibers to fit, when ``fibers`` is not given.
+        waverange: wavelength range [A] whose pixels are fitted (default: the PSF's).
+        xyrange: explicit pixel box (overrides ``waverange``).
         what: subset of ``("xtrace", "ytrace", "sigma", "gh")``.
         trace_deg: Legendre degree of the trace offsets (0: constant shifts).
-        gh_terms: Gauss-Hermite terms to correct; per_fiber_gh: per fiber
-            instead of one offset shared by the fitted fibers.
+        gh_terms: Gauss-Hermite terms to correct.
+        per_fiber_gh: correct them per fiber instead of one offset shared by the
+            fitted fibers.
         flat_deg: Legendre degree (over the box's wavelengths) of each fiber's
-            flat amplitude; flat_lamp: ``f(wave) -> shape`` of the lamp
-            (default :func:`flat_spectrum`); flat_dw: flat sampling step [A].
+            flat amplitude.
+        flat_lamp: ``f(wave) -> shape`` of the lamp (default :func:`flat_spectrum`).
+        flat_dw: flat sampling step [A].
         maxiter: most Levenberg-Marquardt iterations.
-        step_tol, chi2_rtol: converged when an accepted step moves no parameter
-            by more than ``step_tol`` of its uncertainty, or lowers chi2 by less
-            than ``chi2_rtol`` of it.
+        step_tol: converged when an accepted step moves no parameter by more
+            than ``step_tol`` of its uncertainty.
+        chi2_rtol: converged when an accepted step lowers chi2 by less than
+            ``chi2_rtol`` of it.
         lam0: initial Marquardt damping (relative to the diagonal of J^T J).
         callback: ``callback(iteration, chi2, step, lambda)`` after each
             iteration (default: log at INFO).
