@@ -153,6 +153,7 @@ def stage_times(psf, wave, image, ivar, xy, nspec, setting, chunk_size, repeat, 
     from jaxspec._projection import gather_box, model_box, normal_equations, pixel_diagnostics
     from jaxspec.solve._cholesky import cholesky_factor, cholesky_inverse_blocks, cholesky_solve
     from jaxspec.solve._normal import regularize_normal
+    from jaxspec.solve._decorrelate import _inv_sqrt_from_precision
     from jaxspec.solve._sqrtm import inv_sqrtm_sym
 
     kw = SETTINGS[setting]
@@ -197,7 +198,9 @@ def stage_times(psf, wave, image, ivar, xy, nspec, setting, chunk_size, repeat, 
     def invblocks(L):
         return cholesky_inverse_blocks(L, nf, nbin)
 
-    def isqrt(C):
+    def isqrt(C):  # as solve_patch does it: eigh of the precision block, or Newton-Schulz
+        if method == "eigh":
+            return jax.vmap(lambda B: _inv_sqrt_from_precision(B, None))(C)
         return jax.vmap(lambda B: inv_sqrtm_sym(B, method=method))(C)
 
     def diag(st, cy, cx, xflux, a, b):

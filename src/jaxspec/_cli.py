@@ -435,6 +435,23 @@ def _pulls(ex, truth_flux):
 
 
 # ---------------------------------------------------------------- parser
+def add_extraction_options(p: argparse.ArgumentParser) -> None:
+    """The established extraction options (fibers and patch geometry), shared by
+    ``extract`` and ``extract-batch``; names and defaults as DESI's tools."""
+    p.add_argument("-s", "--specmin", type=int, default=0, help="first fiber (default 0)")
+    p.add_argument("-n", "--nspec", type=int, default=None, help="number of fibers (default: all of the PSF's)")
+    p.add_argument("--bundlesize", type=int, default=25, help="fibers per bundle (default 25)")
+    p.add_argument("--nsubbundles", type=int, default=5, help="subbundles per bundle (default 5)")
+    p.add_argument("--nwavestep", type=int, default=50, help="wavelength bins per patch (default 50)")
+    p.add_argument("--wavepad-frac", type=float, default=0.2,
+                   help="extra wavelength padding, fraction of the spot (default 0.2)")
+    p.add_argument("--pixpad-frac", type=float, default=0.8, help="extra pixel rows, fraction of the spot (default 0.8)")
+    p.add_argument("-r", "--regularize", type=float, default=0.0, help="regularisation (default 0)")
+    p.add_argument("--psferr", type=float, default=None, help="fractional PSF error for chi2pix (default: the PSF's)")
+    p.add_argument("--decorrelate", choices=["signal", "full"], default="signal",
+                   help="decorrelation: per fiber (signal, default) or whole patch (full)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxspec",
@@ -459,17 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", default=None, help="also write the model image to this FITS file")
     p.add_argument("-w", "--wavelength", default=None,
                    help="wmin,wmax,dw in Angstrom (default: the PSF's range at 0.8 A)")
-    p.add_argument("-s", "--specmin", type=int, default=0, help="first fiber (default 0)")
-    p.add_argument("-n", "--nspec", type=int, default=None, help="number of fibers (default: all of the PSF's)")
-    p.add_argument("--bundlesize", type=int, default=25, help="fibers per bundle (default 25)")
-    p.add_argument("--nsubbundles", type=int, default=5, help="subbundles per bundle (default 5)")
-    p.add_argument("--nwavestep", type=int, default=50, help="wavelength bins per patch (default 50)")
-    p.add_argument("--wavepad-frac", type=float, default=0.2, help="extra wavelength padding, fraction of the spot (default 0.2)")
-    p.add_argument("--pixpad-frac", type=float, default=0.8, help="extra pixel rows, fraction of the spot (default 0.8)")
-    p.add_argument("-r", "--regularize", type=float, default=0.0, help="regularisation (default 0)")
-    p.add_argument("--psferr", type=float, default=None, help="fractional PSF error for chi2pix (default: the PSF's)")
-    p.add_argument("--decorrelate", choices=["signal", "full"], default="signal",
-                   help="decorrelation: per fiber (signal, default) or whole patch (full)")
+    add_extraction_options(p)
     p.add_argument("--chunk-size", type=int, default=None, help="patches per compiled call (default by device)")
     common(p)
     p.set_defaults(func=cmd_extract)

@@ -288,7 +288,7 @@ def patch_geometry(
     # each output bin comes from exactly one patch: block j // wavesize
     keep_n = np.minimum(wavesize, nwave - iwave)
 
-    band = _coupling_band(psf, tables, fibers, wave_ext, ny)
+    band = _coupling_band(psf, fibers, wave_ext, ny)
     fiber_band = _fiber_band(psf, fibers, fiber_valid, wave_ext, nx)
 
     return PatchGeometry(
@@ -316,7 +316,7 @@ def patch_geometry(
     )
 
 
-def _coupling_band(psf: PSF, tables: _TraceTables, fibers: np.ndarray, wave_ext: np.ndarray, ny: int) -> int:
+def _coupling_band(psf: PSF, fibers: np.ndarray, wave_ext: np.ndarray, ny: int) -> int:
     """A bound on the bin distance |k - k'| at which spots of two fibers of one patch share a row.
 
     For each distinct set of patch fibers, the lowest and highest spot corners over
