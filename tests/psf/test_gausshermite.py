@@ -120,3 +120,39 @@ def test_from_arrays_validation():
             psf.xcoef, psf.ycoef, psf.params, ["GHSIGX"], xdomain=psf.xdomain,
             hsizex=8, hsizey=5, npix_x=100, npix_y=500,
         )  # fmt: skip
+
+
+def _full_tail_stamps(psf, ispec, wave):
+    """Stamps through the with-tails formula, whatever TAILAMP is."""
+    from jaxspec.psf._gausshermite import _gh_stamp_values
+    from jaxspec.psf._legendre import traceset_eval_many
+
+    x, y = psf.x(ispec, wave), psf.y(ispec, wave)
+    xmin = jnp.trunc(x - psf.hsizex + 0.5).astype(jnp.int32)
+    ymin = jnp.trunc(y - psf.hsizey + 0.5).astype(jnp.int32)
+    vals = traceset_eval_many(psf.params[psf._used_rows()], psf.pdomain, ispec, wave)
+    return _gh_stamp_values((psf.stamp_shape, psf.ghdegx, psf.ghdegy), True, vals, x, y, xmin, ymin)
+
+
+def test_zero_tails_are_skipped_but_differentiable():
+    psf = desi_like_psf(nspec=6, tailamp=0.0)
+    ispec, wave = jnp.arange(6)[:, None], jnp.linspace(5650.0, 5750.0, 4)[None, :]
+    # skipping the tail when every TAILAMP is 0 gives the same stamps
+    np.testing.assert_allclose(psf.spots(ispec, wave)[2], _full_tail_stamps(psf, ispec, wave), atol=1e-16)
+    # ... and a fit starting from TAILAMP = 0 still sees the tail's derivative
+    row = psf.param_index("TAILAMP")
+    target = _full_tail_stamps(desi_like_psf(nspec=6, tailamp=0.02), ispec, wave)
+
+    def loss(a):
+        p = eqx_replace(psf, psf.params.at[row, :, 0].set(a), psf.xcoef)
+        return jnp.sum((p.spots(ispec, wave)[2] - target) ** 2)
+
+    g = jax.grad(loss)(0.0)
+    # one-sided (second-order) difference: a negative TAILAMP would switch the clip at 0 on
+    h = 1e-6
+    fd = (-3 * loss(0.0) + 4 * loss(h) - loss(2 * h)) / (2 * h)
+    assert float(g) < 0
+    np.testing.assert_allclose(g, fd, rtol=1e-5)
+    # non-zero tails take the full formula
+    psf2 = desi_like_psf(nspec=6, tailamp=0.02)
+    np.testing.assert_allclose(psf2.spots(ispec, wave)[2], target, atol=1e-16)

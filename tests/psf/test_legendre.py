@@ -22,9 +22,9 @@ def test_traceset_broadcast_and_many():
     ispec = np.arange(5)[:, None]
     w = np.linspace(100.0, 200.0, 7)[None, :]
     many = traceset_eval_many(c, (90.0, 210.0), ispec, w)
-    assert many.shape == (3, 5, 7)
+    assert many.shape == (5, 7, 3)
     for p in range(3):
-        np.testing.assert_allclose(many[p], traceset_eval(c[p], (90.0, 210.0), ispec, w), atol=1e-13)
+        np.testing.assert_allclose(many[..., p], traceset_eval(c[p], (90.0, 210.0), ispec, w), atol=1e-13)
 
 
 def test_fit_inverse_matches_legfit():

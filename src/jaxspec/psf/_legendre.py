@@ -73,11 +73,12 @@ def traceset_eval_many(
     domain: tuple[ArrayLike, ArrayLike],
     ispec: ArrayLike,
     w: ArrayLike,
-) -> Float[Array, "nparam ..."]:
+) -> Float[Array, "... nparam"]:
     """Evaluate ``nparam`` trace sets that share a domain at once.
 
     One Legendre basis is built per wavelength and contracted with every
-    parameter's coefficients.  Returns shape ``(nparam,) + broadcast(ispec, w)``.
+    parameter's coefficients.  Returns shape ``broadcast(ispec, w) + (nparam,)``:
+    parameters last, so each evaluation point's values are contiguous.
     """
     coeff = jnp.asarray(coeff)
     ispec = jnp.asarray(ispec)
@@ -85,8 +86,8 @@ def traceset_eval_many(
     # Basis on the wavelengths' own shape and coefficients on the fibers' own shape:
     # for a (fiber, 1) x (1, wave) grid that is nspec + nwave evaluations, not their product.
     basis = legvander(t, coeff.shape[-1] - 1)  # shape(w) + (ncoef,)
-    sel = jnp.take(coeff, ispec.astype(jnp.int32), axis=1)  # (nparam,) + shape(ispec) + (ncoef,)
-    return jnp.sum(sel * basis, axis=-1)
+    sel = jnp.take(jnp.moveaxis(coeff, 0, 1), ispec.astype(jnp.int32), axis=0)  # shape(ispec) + (nparam, ncoef)
+    return jnp.sum(sel * basis[..., None, :], axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("deg", "npts"))
