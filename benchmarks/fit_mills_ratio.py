@@ -1,4 +1,4 @@
-"""Reproduce the Mills-ratio coefficients of ``jaxspec/psf/_normal.py``.
+"""Reproduce the Mills-ratio coefficients of ``jaxspec/psf/_normal_dist.py``.
 
 Fits ``M(a) / t`` (``M = Q / phi``, ``t = 1 / (1 + a / 4)``) as a degree-18
 Chebyshev series in ``s`` over ``a in [0, 8.6]`` by least squares on 400

@@ -19,7 +19,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 
 from ._base import PSF
 from ._legendre import fit_inverse, traceset_eval, traceset_eval_many
-from ._normal import normal_cdf_pdf
+from ._normal_dist import normal_cdf_pdf
 
 _TAIL_NAMES = ("TAILAMP", "TAILCORE", "TAILXSCA", "TAILYSCA", "TAILINDE")
 
@@ -34,7 +34,7 @@ def pixel_gauss_hermite(
     the integral of a unit Gaussian of width ``sigma`` centred on ``centre``; order
     ``m > 0`` integrates ``He_m(u) phi(u)`` exactly, ``-He_{m-1}(u) phi(u)`` at the
     edges (``He`` probabilists' Hermite polynomials, ``u = (edge - centre) / sigma``).
-    The density and distribution at each edge share one ``exp`` (:mod:`._normal`).
+    The density and distribution at each edge share one ``exp`` (:mod:`._normal_dist`).
     """
     edges = lo[..., None].astype(centre.dtype) - 0.5 + jnp.arange(n + 1, dtype=centre.dtype)
     u = (edges - centre[..., None]) / sigma[..., None]

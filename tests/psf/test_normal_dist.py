@@ -4,7 +4,7 @@ import numpy as np
 from jax.test_util import check_grads
 from scipy.special import ndtr
 
-from jaxspec.psf._normal import normal_cdf_pdf
+from jaxspec.psf._normal_dist import normal_cdf_pdf
 
 
 def test_matches_scipy_everywhere():
