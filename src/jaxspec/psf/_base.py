@@ -15,7 +15,6 @@ metadata (``nspec``, ``npix_x``, ...) are static fields.  ``xyrange`` and
 from __future__ import annotations
 
 import abc
-
 import math
 import os
 

@@ -276,7 +276,8 @@ class GaussHermitePSF(PSF):
 def _gh_stamp_values(static, tails: bool, vals, x, y, xmin, ymin) -> Float[Array, "... ny nx"]:
     """Stamps ``S + (ny, nx)`` from the parameter values ``vals[*S, nparam_used]``.
 
-    ``vals`` rows: GHSIGX, GHSIGY, GH-i-j (j major), then TAIL* when ``tails``.
+    ``vals[..., k]``: GHSIGX, GHSIGY, GH-i-j (j major), then TAIL* when ``tails``
+    (the rows :meth:`GaussHermitePSF._used_rows` picks, evaluated at each spot).
     """
     (ny, nx), dgx, dgy = static
     sigx, sigy = vals[..., 0], vals[..., 1]
