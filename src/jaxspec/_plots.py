@@ -47,6 +47,14 @@ def _errors(ivar: np.ndarray) -> np.ndarray:
     return np.where(good, 1.0 / np.sqrt(np.where(good, ivar, 1.0)), np.nan)
 
 
+def _labels_and_window(wave, rows, labels, wave_range):
+    """Default legend labels for ``rows`` and the mask of ``wave`` inside ``wave_range``."""
+    labels = labels or [f"spectrum {r}" for r in rows]
+    if wave_range is None:
+        return labels, np.ones(wave.shape, bool)
+    return labels, (wave >= wave_range[0]) & (wave <= wave_range[1])
+
+
 def spectra_panel(ax, wave, flux, ivar, rows, labels=None, truth=None, wave_range=None):
     """Draw spectra with 1-sigma error bands on ``ax``.
 
@@ -65,10 +73,7 @@ def spectra_panel(ax, wave, flux, ivar, rows, labels=None, truth=None, wave_rang
     wave = np.asarray(wave)
     flux = np.asarray(flux)
     ivar = np.asarray(ivar)
-    labels = labels or [f"spectrum {r}" for r in rows]
-    sel = np.ones(wave.shape, bool)
-    if wave_range is not None:
-        sel = (wave >= wave_range[0]) & (wave <= wave_range[1])
+    labels, sel = _labels_and_window(wave, rows, labels, wave_range)
     w = wave[sel]
     for n, (r, label) in enumerate(zip(rows, labels)):
         c = f"C{n % 10}"
@@ -91,10 +96,7 @@ def chi2pix_panel(ax, wave, chi2pix, rows, labels=None, wave_range=None):
     """Draw chi2pix (reduced chi2 of the pixels of each bin; ~1 for a good model) on ``ax``."""
     wave = np.asarray(wave)
     chi2pix = np.asarray(chi2pix)
-    labels = labels or [f"spectrum {r}" for r in rows]
-    sel = np.ones(wave.shape, bool)
-    if wave_range is not None:
-        sel = (wave >= wave_range[0]) & (wave <= wave_range[1])
+    labels, sel = _labels_and_window(wave, rows, labels, wave_range)
     for n, (r, label) in enumerate(zip(rows, labels)):
         c2 = chi2pix[r][sel]
         ax.plot(wave[sel], np.where(c2 > 0, c2, np.nan), color=f"C{n % 10}", lw=0.7,
