@@ -3,7 +3,7 @@
 Makes ``--frames`` simulated preproc files (one noiseless model, a different noise
 draw per frame) and a job list in ``--workdir``, then times
 
-* ``serial``: :func:`jaxspec._batch.run_batch` in this process, read -> extract ->
+* ``serial``: :func:`jaxspec._pipeline.batch.run_batch` in this process, read -> extract ->
   write one frame after another (``--no-overlap``);
 * ``overlap``: the same with reading and writing in threads beside the extraction;
 * ``mpirun-K`` for each K of ``--ranks``: ``mpirun -n K jaxspec extract-batch`` in
@@ -63,7 +63,7 @@ def make_frames(workdir: Path, size: str, nframes: int, psf_file: str | None) ->
     import numpy as np
 
     import jaxspec
-    from jaxspec import _frameio
+    from jaxspec._io import frames as _frameio
 
     spec = SIZES[size]
     wmin, wmax, dw = spec["wave"]
@@ -102,14 +102,14 @@ def make_frames(workdir: Path, size: str, nframes: int, psf_file: str | None) ->
 
 
 def _jobs(list_path: Path, sub: str):
-    from jaxspec import _batch
+    from jaxspec._pipeline import batch as _batch
 
     return [_batch.FrameJob(j.image, j.psf, j.output.replace("/OUT/", f"/{sub}/"))
             for j in _batch.read_job_list(list_path)]
 
 
 def _opts(spec):
-    from jaxspec import _batch
+    from jaxspec._pipeline import batch as _batch
 
     return _batch.ExtractOptions(wavelength=spec["wave"], nspec=spec["nspec"], nwavestep=spec["nwavestep"],
                                  chunk_size=spec["chunk_size"])
@@ -131,7 +131,7 @@ def _gpus_used() -> int:
 
 
 def run_inprocess(list_path: Path, spec: dict, overlap: bool, tag: str) -> dict:
-    from jaxspec import _batch
+    from jaxspec._pipeline import batch as _batch
 
     jobs = _jobs(list_path, tag)
     s = _batch.run_batch(jobs, _opts(spec), overlap=overlap)
@@ -155,7 +155,7 @@ def run_mpirun(list_path: Path, spec: dict, ranks: int, tag: str, cache: Path, d
                OMPI_MCA_rmaps_base_oversubscribe="1")
     if os.geteuid() == 0:
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    cmd = [mpirun, "-n", str(ranks), "--bind-to", "none", sys.executable, "-m", "jaxspec._cli", "extract-batch",
+    cmd = [mpirun, "-n", str(ranks), "--bind-to", "none", sys.executable, "-m", "jaxspec._cli.main", "extract-batch",
            str(lst), *_cli_options(spec), "--quiet", "--loglevel", "WARNING", "--summary-json", str(summary)]
     if device:
         cmd += ["--device", device]
@@ -201,7 +201,7 @@ def main() -> None:
     rows = []
     modes = [m for m in args.modes.split(",") if m]
     if modes:  # warm-up: compile on one frame
-        from jaxspec import _batch
+        from jaxspec._pipeline import batch as _batch
 
         warm = _jobs(list_path, "WARM")[:1]
         t0 = time.perf_counter()

@@ -20,8 +20,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxspec  # noqa: E402
-from jaxspec._calib import arc_lines, simulate_arc, simulate_flat  # noqa: E402
-from jaxspec._fit import DEFAULT_GH_TERMS, apply_psf_params, fit_psf_ccd  # noqa: E402
+from jaxspec._simulation.calib import arc_lines, simulate_arc, simulate_flat  # noqa: E402
+from jaxspec._fit.fit import DEFAULT_GH_TERMS, apply_psf_params, fit_psf_ccd  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--psf", default="../shared/data/psf/psf-r0-00067784.fits")

@@ -2,7 +2,7 @@
 
 ``cli.md`` holds the marker ``<!-- jaxspec-cli -->``; at build time it is replaced
 by the ``--help`` text of ``jaxspec`` and of every subcommand, taken from
-:func:`jaxspec._cli.build_parser`, so the page always matches the code.  Run this
+:func:`jaxspec._cli.main.build_parser`, so the page always matches the code.  Run this
 file directly (``python docs/gen_cli.py``) to print the generated Markdown.
 """
 
@@ -37,7 +37,7 @@ def render() -> str:
     os.environ["COLUMNS"] = WIDTH  # argparse wraps to this width: stable output
     os.environ["NO_COLOR"] = "1"
     try:
-        from jaxspec._cli import build_parser
+        from jaxspec._cli.main import build_parser
 
         parser = build_parser()
         parts = ["## `jaxspec`", "", "```text", _help(parser), "```", ""]

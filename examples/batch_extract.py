@@ -26,7 +26,8 @@ import jax
 
 jax.config.update("jax_enable_x64", True)  # a script may set JAX's config; the library never does
 
-from jaxspec import _batch, _distribute  # noqa: E402
+from jaxspec._pipeline import batch as _batch  # noqa: E402
+from jaxspec._pipeline import devices as _distribute  # noqa: E402
 
 
 def jobs_for(preproc_dir: str, psf_dir: str, out_dir: str, pattern: str) -> list[_batch.FrameJob]:

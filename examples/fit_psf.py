@@ -23,8 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxspec  # noqa: E402
-from jaxspec._calib import arc_lines, simulate_arc, simulate_flat  # noqa: E402
-from jaxspec._fit import DEFAULT_GH_TERMS, apply_psf_params, fit_psf  # noqa: E402
+from jaxspec._simulation.calib import arc_lines, simulate_arc, simulate_flat  # noqa: E402
+from jaxspec._fit.fit import DEFAULT_GH_TERMS, apply_psf_params, fit_psf  # noqa: E402
 
 path = sys.argv[1] if len(sys.argv) > 1 else "../shared/data/psf/psf-r0-00067784.fits"
 psf = jaxspec.read_psf(path)

@@ -19,8 +19,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxspec  # noqa: E402
-from jaxspec._calib import arc_lines, simulate_arc, simulate_flat  # noqa: E402
-from jaxspec._fit import apply_psf_params, fit_psf, flux_jacobian, propagate_psf_uncertainty  # noqa: E402
+from jaxspec._simulation.calib import arc_lines, simulate_arc, simulate_flat  # noqa: E402
+from jaxspec._fit.fit import apply_psf_params, fit_psf, flux_jacobian, propagate_psf_uncertainty  # noqa: E402
 
 path = sys.argv[1] if len(sys.argv) > 1 else "../shared/data/psf/psf-r0-00067784.fits"
 psf = jaxspec.read_psf(path)

@@ -28,7 +28,7 @@ def tiny_psf():
 def make_frames(d: str | os.PathLike, n: int, seed: int = 0) -> list[tuple[str, str, str]]:
     """Write the PSF, ``n`` preproc files and ``jobs.txt`` into ``d``; return the triples."""
     import jaxspec
-    from jaxspec import _frameio
+    from jaxspec._io import frames as _frameio
 
     d = os.fspath(d)
     os.makedirs(d, exist_ok=True)

@@ -4,11 +4,11 @@
 
 WORKDIR holds the frames of ``_frames.make_frames`` (``jobs.txt``).  The worker
 
-1. runs :func:`jaxspec._batch.run_batch` on every job, writing to ``WORKDIR/out_mpi``
+1. runs :func:`jaxspec._pipeline.batch.run_batch` on every job, writing to ``WORKDIR/out_mpi``
    (with 3 jobs and 2 ranks: one whole frame per rank, then one frame split over
    both ranks) and rank 0 writes the summary to ``WORKDIR/summary_mpi.json``;
 2. extracts the first frame with its bundles split over the ranks
-   (:func:`jaxspec._distribute.extract_distributed`, float64, gathered with mpi4jax)
+   (:func:`jaxspec._pipeline.devices.extract_distributed`, float64, gathered with mpi4jax)
    and rank 0 saves the arrays to ``WORKDIR/split.npz``.
 """
 
@@ -25,7 +25,10 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _frames  # noqa: E402
 
-from jaxspec import _batch, _distribute, _frameio, read_psf  # noqa: E402
+from jaxspec import read_psf  # noqa: E402
+from jaxspec._io import frames as _frameio  # noqa: E402
+from jaxspec._pipeline import batch as _batch  # noqa: E402
+from jaxspec._pipeline import devices as _distribute  # noqa: E402
 
 
 def main(workdir: str) -> int:

@@ -3,7 +3,7 @@
     python tests/_shard_worker.py NDEV CHUNK [NDEV2 ...]
 
 JAX must start with ``NDEV`` CPU devices, so this runs as a subprocess of the test
-(set ``PJRT_NPROC`` >= 2 NDEV: see :func:`jaxspec._distribute._check_cpu_pool`).
+(set ``PJRT_NPROC`` >= 2 NDEV: see :func:`jaxspec._pipeline.devices._check_cpu_pool`).
 Prints one JSON line: per device count, the largest relative difference of every
 output to the one-device result, and the device count JAX saw.
 """
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _frames  # noqa: E402
 
 import jaxspec  # noqa: E402
-from jaxspec._distribute import extract_sharded  # noqa: E402
+from jaxspec._pipeline.devices import extract_sharded  # noqa: E402
 
 psf = _frames.tiny_psf()
 rng = np.random.default_rng(11)

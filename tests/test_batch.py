@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import _frames
-from jaxspec import _batch
-from jaxspec._cli import extract_file, main
+from jaxspec._pipeline import batch as _batch
+from jaxspec._cli.main import extract_file, main
 
 NFRAMES = 6
 
@@ -126,7 +126,7 @@ def test_killed_run_resumes_to_the_same_outputs(frames, uninterrupted, tmp_path)
     lst = tmp_path / "jobs.txt"
     todo = _moved(jobs, tmp_path, "out")
     _batch.write_job_list(lst, todo)
-    cmd = [sys.executable, "-m", "jaxspec._cli", "extract-batch", str(lst), *_frames.CLI_OPTIONS, "--quiet",
+    cmd = [sys.executable, "-m", "jaxspec._cli.main", "extract-batch", str(lst), *_frames.CLI_OPTIONS, "--quiet",
            "--device", "cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     outdir = tmp_path / "out"

@@ -1,10 +1,10 @@
-"""Arc line lists and simulated calibration exposures (jaxspec._calib)."""
+"""Arc line lists and simulated calibration exposures (jaxspec._simulation.calib)."""
 
 import numpy as np
 import pytest
 
 import jaxspec
-from jaxspec._calib import (
+from jaxspec._simulation.calib import (
     ARC_LINES,
     CAMERA_RANGES,
     arc_lines,

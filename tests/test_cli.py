@@ -34,8 +34,9 @@ from astropy.io import fits
 from astropy.table import Table
 
 import jaxspec
-from jaxspec import _cli, _frameio
-from jaxspec._cli import main
+from jaxspec._cli import main as _cli
+from jaxspec._io import frames as _frameio
+from jaxspec._cli.main import main
 
 PSF_NAME = "psf-r0-00067784.fits"
 SPECMIN, NSPEC = 25, 50  # two bundles

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import jaxspec
-from jaxspec._cli import main
-from jaxspec._fit import apply_psf_params
+from jaxspec._cli.main import main
+from jaxspec._fit.fit import apply_psf_params
 
 PSF_NAME = "psf-r0-00067784.fits"
 WAVE = "5800,5900"

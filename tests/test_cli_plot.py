@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxspec
-from jaxspec._cli import main
+from jaxspec._cli.main import main
 
 matplotlib = pytest.importorskip("matplotlib")
 
@@ -74,7 +74,7 @@ def test_plot_with_image_model_and_region(files):
 def test_model_matches_image_that_is_plotted(files):
     """The residual panel is meaningful: the model written by extract fits the image."""
     pre = jaxspec.read_preproc(files["pre"])
-    from jaxspec._cli_plot import read_model_image
+    from jaxspec._cli.plot import read_model_image
 
     model = read_model_image(files["model"])
     good = pre.ivar > 0
@@ -120,7 +120,7 @@ def test_region_outside_image_and_existing_output(files, capsys):
 
 
 def test_default_region_crops_large_images():
-    from jaxspec._cli_plot import default_region
+    from jaxspec._cli.plot import default_region
 
     assert default_region((500, 300)) == (0, 300, 0, 500)
     x0, x1, y0, y1 = default_region((4128, 4114))

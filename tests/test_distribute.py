@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxspec import _distribute as D
-from jaxspec._batch import plan
+from jaxspec._pipeline import devices as D
+from jaxspec._pipeline.batch import plan
 
 HERE = Path(__file__).resolve().parent
 
@@ -44,7 +44,7 @@ def test_cpu_thread_pool_guard_names_the_fix():
     """4 CPU devices on a 2-thread pool would deadlock jaxlib's LAPACK: refused with the fix."""
     code = (
         "import jax; jax.config.update('jax_num_cpu_devices', 4)\n"
-        "from jaxspec._distribute import sharded_solve_chunk\n"
+        "from jaxspec._pipeline.devices import sharded_solve_chunk\n"
         "try:\n    sharded_solve_chunk()\nexcept RuntimeError as e:\n    print('REFUSED', e)\n"
     )
     res = subprocess.run([sys.executable, "-c", code], env=_env(PJRT_NPROC="2"), capture_output=True, text=True,
@@ -56,7 +56,7 @@ def test_cpu_thread_pool_guard_names_the_fix():
 def test_bind_gpus_sets_visible_devices_before_jax_starts():
     """Rank 1 of 2 on a node with GPUs 4-7 takes GPUs 6,7; JAX has not started in that process."""
     code = (
-        "from jaxspec._distribute import World, bind_gpus, jax_started\n"
+        "from jaxspec._pipeline.devices import World, bind_gpus, jax_started\n"
         "import os\n"
         "w = World(rank=1, size=2, local_rank=1, local_size=2)\n"
         "print(bind_gpus(w, gpus_per_rank=2), os.environ['CUDA_VISIBLE_DEVICES'], jax_started())\n"

@@ -49,7 +49,7 @@ def test_version_is_documented_in_text():
 
 def test_cli_reference_lists_every_subcommand():
     md = _load("gen_cli").render()
-    from jaxspec._cli import build_parser
+    from jaxspec._cli.main import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")

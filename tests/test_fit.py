@@ -1,4 +1,4 @@
-"""PSF calibration by Gauss-Newton / Levenberg-Marquardt (jaxspec._fit).
+"""PSF calibration by Gauss-Newton / Levenberg-Marquardt (jaxspec._fit.fit).
 
 The acceptance case of issue 7: the real r0 PSF with its parameters perturbed
 (traces shifted by 0.2-0.4 pixel, GHSIGX/GHSIGY scaled by ~5%, five GH terms
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import jaxspec
-from jaxspec._calib import arc_lines, simulate_arc, simulate_flat
-from jaxspec._fit import (
+from jaxspec._simulation.calib import arc_lines, simulate_arc, simulate_flat
+from jaxspec._fit.fit import (
     DEFAULT_GH_TERMS,
     _normal_equations,
     apply_psf_params,

@@ -1,4 +1,4 @@
-"""Tests for jaxspec._frameio: preproc and frame FITS I/O (NumPy + astropy only)."""
+"""Tests for jaxspec._io.frames: preproc and frame FITS I/O (NumPy + astropy only)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from jaxspec import _frameio as fio
-from jaxspec._frameio import (
+from jaxspec._io import frames as fio
+from jaxspec._io.frames import (
     Frame,
     FrameIOWarning,
     check_output_path,

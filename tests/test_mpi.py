@@ -15,7 +15,8 @@ import pytest
 
 import _frames
 import jaxspec
-from jaxspec import _batch, _frameio
+from jaxspec._io import frames as _frameio
+from jaxspec._pipeline import batch as _batch
 
 HERE = Path(__file__).resolve().parent
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from jaxspec._project import project, simulate
+from jaxspec._simulation.project import project, simulate
 from jaxspec.psf import GaussianPSF, desi_like_psf, read_psf
 
 PAD = 30

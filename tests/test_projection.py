@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxspec._projection import model_box, normal_equations, pixel_diagnostics
+from jaxspec._extraction.projection import model_box, normal_equations, pixel_diagnostics
 
 
 def _random_patch(seed, nf=3, nk=12, ny=5, nx=7, shape=(40, 30)):

@@ -22,8 +22,8 @@ Importing jaxspec never changes JAX's global configuration; enable float64 with
 """
 
 from . import psf, solve
-from ._batch import FrameJob, run_batch
-from ._calib import (
+from ._pipeline.batch import FrameJob, run_batch
+from ._simulation.calib import (
     CalibImage,
     LineList,
     arc_lines,
@@ -33,9 +33,9 @@ from ._calib import (
     simulate_flat,
     write_lines,
 )
-from ._distribute import extract_distributed, extract_sharded
-from ._extract import Extraction, extract, extract_patches
-from ._fit import (
+from ._pipeline.devices import extract_distributed, extract_sharded
+from ._extraction.extract import Extraction, extract, extract_patches
+from ._fit.fit import (
     CalibPatch,
     FitResult,
     apply_psf_params,
@@ -45,9 +45,9 @@ from ._fit import (
     flux_jacobian,
     propagate_psf_uncertainty,
 )
-from ._frameio import Frame, Preproc, read_frame, read_preproc, write_frame, write_preproc
-from ._geometry import PatchGeometry, patch_geometry
-from ._project import project, simulate
+from ._io.frames import Frame, Preproc, read_frame, read_preproc, write_frame, write_preproc
+from ._extraction.geometry import PatchGeometry, patch_geometry
+from ._simulation.project import project, simulate
 from ._version import __version__
 from .psf import GaussHermitePSF, GaussianPSF, PSF, TraceGaussianPSF, desi_like_psf, read_psf, write_psf
 from .solve import apply_resolution

@@ -66,9 +66,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._calib import CalibImage, LineList, flat_spectrum, flat_wave_grid
-from .psf._gausshermite import GaussHermitePSF
-from .psf._legendre import legvander
+from .._simulation.calib import CalibImage, LineList, flat_spectrum, flat_wave_grid
+from ..psf._gausshermite import GaussHermitePSF
+from ..psf._legendre import legvander
 
 log = logging.getLogger("jaxspec.fit")
 
@@ -1080,8 +1080,8 @@ def flux_jacobian(
         ``(nspec, nwave, npsf)`` [photons / A per unit parameter], columns in the
         order of ``fit.theta[fit.psf_mask]`` (i.e. of ``fit.psf_cov``).
     """
-    from ._extract import _as_array, extract_patches
-    from ._geometry import patch_geometry
+    from .._extraction.extract import _as_array, extract_patches
+    from .._extraction.geometry import patch_geometry
 
     fibers = fit.fibers
     nf = len(fibers)

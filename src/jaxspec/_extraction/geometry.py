@@ -17,7 +17,7 @@ import dataclasses
 
 import numpy as np
 
-from .psf import PSF
+from ..psf import PSF
 
 
 def split_bundle(bundlesize: int, nsub: int) -> tuple[list[np.ndarray], list[np.ndarray]]:

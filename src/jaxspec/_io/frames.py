@@ -35,7 +35,6 @@ import importlib.metadata
 import os
 import platform
 import re
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -44,6 +43,8 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 from astropy.units import UnitsWarning
+
+from .atomic import atomic_write, check_output_path
 
 __all__ = [
     "FrameIOWarning",
@@ -197,86 +198,13 @@ class Frame:
 
 
 # --------------------------------------------------------------------------
-# Output-path safety
-
-
-def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> str:
-    """Validate an output file path before any work is done.
-
-    Args:
-        path: the file to be written.
-        overwrite: whether an existing file may be replaced.
-
-    Returns:
-        The absolute path, as a string.
-
-    Raises:
-        IsADirectoryError: ``path`` is an existing directory.
-        FileNotFoundError: the output directory does not exist.
-        NotADirectoryError: the parent of ``path`` is not a directory.
-        PermissionError: the output directory is not writable.
-        FileExistsError: ``path`` exists and ``overwrite`` is False (the
-            message says to use --overwrite).
-    """
-    apath = os.path.abspath(os.fspath(path))
-    if os.path.isdir(apath):
-        raise IsADirectoryError(f"output path {apath} is a directory, not a file")
-    outdir = os.path.dirname(apath)
-    if not os.path.exists(outdir):
-        raise FileNotFoundError(
-            f"output directory {outdir} does not exist (cannot write {apath})")
-    if not os.path.isdir(outdir):
-        raise NotADirectoryError(
-            f"output directory {outdir} is not a directory (cannot write {apath})")
-    if not os.access(outdir, os.W_OK | os.X_OK):
-        raise PermissionError(
-            f"output directory {outdir} is not writable (cannot write {apath})")
-    if os.path.lexists(apath) and not overwrite:
-        raise FileExistsError(
-            f"output file {apath} already exists; use --overwrite to replace it")
-    return apath
+# Output: every file goes through the one atomic writer (:mod:`jaxspec._io.atomic`)
 
 
 def _atomic_writeto(hdul: fits.HDUList, path: str | os.PathLike, overwrite: bool) -> str:
-    """Write ``hdul`` to a temporary file beside ``path`` and move it into place."""
-    apath = check_output_path(path, overwrite)
-    outdir, base = os.path.split(apath)
-    tmp = os.path.join(outdir, f".{base}.{uuid.uuid4().hex[:12]}.tmp")
-    # O_EXCL: never reuse an existing file; mode 0o666 lets the umask apply as
-    # for an ordinary file (mkstemp would force 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            hdul.writeto(fh, checksum=True, output_verify="exception")
-            fh.flush()
-            os.fsync(fh.fileno())
-        if overwrite:
-            os.replace(tmp, apath)
-        else:
-            # No-clobber publish: link() fails if the destination appeared in
-            # the meantime, where os.replace would silently overwrite it.
-            try:
-                os.link(tmp, apath)
-            except FileExistsError:
-                raise FileExistsError(
-                    f"output file {apath} already exists; use --overwrite to replace it"
-                ) from None
-            except OSError:
-                # Filesystem without hard links: best effort.
-                if os.path.lexists(apath):
-                    raise FileExistsError(
-                        f"output file {apath} already exists; use --overwrite to replace it"
-                    ) from None
-                os.replace(tmp, apath)
-            else:
-                os.unlink(tmp)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return apath
+    """Write ``hdul`` through :func:`~jaxspec._io.atomic.atomic_write` (checksums, verified)."""
+    return atomic_write(path, lambda fh: hdul.writeto(fh, checksum=True, output_verify="exception"),
+                        overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------
@@ -348,7 +276,7 @@ def _set_dependency(hdr: fits.Header, name: str, version: str) -> None:
 
 def _add_dependencies(hdr: fits.Header, version: str | None) -> None:
     if version is None:
-        from ._version import __version__ as version
+        from .._version import __version__ as version
     _set_dependency(hdr, "jaxspec", version)
     _set_dependency(hdr, "python", platform.python_version())
     _set_dependency(hdr, "numpy", np.__version__)

@@ -266,7 +266,7 @@ class _PsfCache:
         self._d: collections.OrderedDict = collections.OrderedDict()
 
     def get(self, path: str):
-        from .psf import read_psf
+        from ..psf import read_psf
 
         key = (os.path.abspath(path), os.stat(path).st_mtime_ns)
         if key in self._d:
@@ -285,8 +285,8 @@ def _load(job: FrameJob, opts: ExtractOptions, psfs: _PsfCache) -> _Loaded:
 
     import jax
 
-    from . import _frameio
-    from ._cli import UsageError, _check_extract_options, wave_grid
+    from .._io import frames as _frameio
+    from .._cli.main import UsageError, _check_extract_options, wave_grid
 
     t0 = time.perf_counter()
     if not os.path.exists(job.psf):
@@ -315,7 +315,7 @@ def _compute(ld: _Loaded, opts: ExtractOptions, first: int, n: int, solve_chunk,
     """Extract fibers first .. first+n-1 of a loaded frame; host arrays for the frame file."""
     import jax
 
-    from ._extract import extract
+    from .._extraction.extract import extract
 
     ex = extract(
         ld.image, ld.ivar, ld.psf, ld.wave, specmin=first, nspec=n, xyrange=ld.xyrange,
@@ -331,7 +331,7 @@ def _compute(ld: _Loaded, opts: ExtractOptions, first: int, n: int, solve_chunk,
 
 def _write(ld: _Loaded, arrays: dict[str, np.ndarray], opts: ExtractOptions, overwrite: bool) -> str:
     """The frame file, as ``jaxspec extract`` writes it."""
-    from . import _frameio
+    from .._io import frames as _frameio
 
     specmin, nspec = ld.specmin, ld.nspec
     fibermap = ld.pre.fibermap
@@ -460,8 +460,8 @@ def run_batch(
     """
     import jax
 
-    from ._distribute import World, gather_parts, sharded_solve_chunk, split_fibers
-    from ._extract import default_chunk_size
+    from .devices import World, gather_parts, sharded_solve_chunk, split_fibers
+    from .._extraction.extract import default_chunk_size
 
     opts = opts or ExtractOptions()
     w = world or World()

@@ -15,7 +15,7 @@ log = logging.getLogger("jaxspec")
 
 
 def _usage_error(msg: str) -> Exception:
-    from ._cli import UsageError  # lazy: _cli imports this module
+    from .main import UsageError  # lazy: _cli imports this module
 
     return UsageError(msg)
 
@@ -81,8 +81,8 @@ def cmd_plot(args) -> int:
 
     matplotlib.use("Agg")  # a file, never a window
 
-    from . import _frameio
-    from ._plots import plot_frame
+    from .._io import frames as _frameio
+    from .._plots import plot_frame
 
     if not os.path.exists(args.frame):
         raise _usage_error(f"FRAME {args.frame}: no such file")

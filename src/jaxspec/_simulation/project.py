@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
-from .psf._base import PSF
+from ..psf._base import PSF
 
 __all__ = ["project", "simulate"]
 

@@ -19,7 +19,7 @@ log = logging.getLogger("jaxspec")
 
 
 def _usage_error(msg: str) -> Exception:
-    from ._cli import UsageError  # lazy: _cli imports this module
+    from .main import UsageError  # lazy: _cli imports this module
 
     return UsageError(msg)
 
@@ -38,7 +38,7 @@ def _parse_range(text: str | None, option: str):
 
 
 def _read_gh_psf(path: str, option: str):
-    from .psf import GaussHermitePSF, read_psf
+    from ..psf import GaussHermitePSF, read_psf
 
     if not os.path.exists(path):
         raise _usage_error(f"{option} {path}: no such file")
@@ -58,7 +58,7 @@ def _fibers(args, psf) -> tuple[int, int]:
 
 
 def _lines(args, psf):
-    from ._calib import arc_lines, read_lines
+    from .._simulation.calib import arc_lines, read_lines
 
     if args.lines is None:
         return arc_lines((psf.wmin, psf.wmax))
@@ -73,8 +73,8 @@ def _lines(args, psf):
 # ---------------------------------------------------------------- simulate-calib
 def cmd_simulate_calib(args) -> int:
     """Run ``jaxspec simulate-calib``."""
-    from . import _frameio
-    from ._calib import simulate_arc, simulate_flat
+    from .._io import frames as _frameio
+    from .._simulation.calib import simulate_arc, simulate_flat
 
     _frameio.check_output_path(args.output, args.overwrite)
     psf = _read_gh_psf(args.psf, "--psf")
@@ -143,9 +143,9 @@ def cmd_fit_psf(args) -> int:
     """Run ``jaxspec fit-psf``."""
     import numpy as np
 
-    from . import _frameio
-    from ._fit import ALL_WHAT, fit_psf_ccd
-    from .psf import write_psf
+    from .._io import frames as _frameio
+    from .._fit.fit import ALL_WHAT, fit_psf_ccd
+    from ..psf import write_psf
 
     t0 = time.perf_counter()
     _frameio.check_output_path(args.output, args.overwrite)

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from ._geometry import PatchGeometry, patch_geometry
-from ._projection import gather_box, model_box, normal_equations, pixel_diagnostics
-from .psf import PSF
-from .solve import solve_patch
+from .geometry import PatchGeometry, patch_geometry
+from .projection import gather_box, model_box, normal_equations, pixel_diagnostics
+from ..psf import PSF
+from ..solve import solve_patch
 
 
 class Extraction(eqx.Module):
@@ -411,7 +411,7 @@ def extract_patches(
     resolution = out["resolution"].reshape(2 * geom.ndiag + 1, *shape).transpose(1, 0, 2)
     model_img = None
     if model:
-        from ._project import project
+        from .._simulation.project import project
 
         model_img = project(psf, geom.wave, xflux * dw, specmin=geom.specmin, xyrange=xyrange if xyrange is not None else (0, image.shape[1], 0, image.shape[0]))
     return Extraction(

@@ -21,8 +21,8 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from ._project import project
-from .psf._base import PSF
+from .project import project
+from ..psf._base import PSF
 
 __all__ = [
     "ARC_LINES",

@@ -14,7 +14,7 @@ import sys
 import time
 import warnings
 
-from ._version import __version__
+from .._version import __version__
 
 log = logging.getLogger("jaxspec")
 
@@ -64,7 +64,7 @@ class _LogWarnings(warnings.catch_warnings):
 
     def __enter__(self):
         out = super().__enter__()
-        from ._frameio import FrameIOWarning
+        from .._io.frames import FrameIOWarning
 
         warnings.simplefilter("always", FrameIOWarning)
 
@@ -211,9 +211,9 @@ def extract_file(
     """
     import numpy as np
 
-    from . import _frameio
-    from ._extract import extract
-    from .psf import read_psf
+    from .._io import frames as _frameio
+    from .._extraction.extract import extract
+    from ..psf import read_psf
 
     ns = argparse.Namespace(
         specmin=specmin, nspec=nspec, bundlesize=bundlesize, nsubbundles=nsubbundles, nwavestep=nwavestep,
@@ -336,9 +336,9 @@ def cmd_extract(args) -> int:
 def cmd_simulate(args) -> int:
     import numpy as np
 
-    from . import _frameio
-    from ._project import simulate
-    from .psf import read_psf
+    from .._io import frames as _frameio
+    from .._simulation.project import simulate
+    from ..psf import read_psf
 
     _frameio.check_output_path(args.output, args.overwrite)
     psf = read_psf(args.psf)
@@ -377,10 +377,10 @@ def continuum_and_lines(wave, nspec: int, rng):
 def cmd_demo(args) -> int:
     import numpy as np
 
-    from . import _frameio
-    from ._extract import extract
-    from ._project import simulate
-    from .psf import desi_like_psf
+    from .._io import frames as _frameio
+    from .._extraction.extract import extract
+    from .._simulation.project import simulate
+    from ..psf import desi_like_psf
 
     outdir = os.path.abspath(args.outdir)
     os.makedirs(outdir, exist_ok=True)
@@ -413,7 +413,7 @@ def cmd_demo(args) -> int:
         psf_path="desi_like_psf()", overwrite=args.overwrite,
     )
     pulls = _pulls(ex, flux)
-    from ._plots import plot_extraction
+    from .._plots import plot_extraction
 
     plot_extraction(png_path, ex, image=image, ivar=ivar, truth=flux, fibers=(0, 12, 24))
     dt = time.perf_counter() - t0
@@ -427,7 +427,7 @@ def _pulls(ex, truth_flux):
     """(flux - R truth) sqrt(ivar), ignoring 10 bins at each end."""
     import numpy as np
 
-    from .solve import apply_resolution
+    from ..solve import apply_resolution
 
     conv = np.asarray(apply_resolution(ex.resolution, truth_flux))
     pull = (np.asarray(ex.flux) - conv) * np.sqrt(np.asarray(ex.ivar))
@@ -502,16 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_demo)
 
-    # Subcommands that live in their own modules (one module per idea): every
-    # ``jaxspec._cli_<name>`` module adds its parser through ``add_parser(subparsers, common)``.
-    import importlib
-    import pkgutil
+    # the other subcommands, each in its own module (an explicit list: no scan)
+    from . import batch, fit, plot
 
-    from . import __path__ as package_path
-
-    for info in sorted(pkgutil.iter_modules(package_path), key=lambda m: m.name):
-        if info.name.startswith("_cli_"):
-            importlib.import_module(f"jaxspec.{info.name}").add_parser(sub, common)
+    for module in (batch, fit, plot):
+        module.add_parser(sub, common)
     return parser
 
 

@@ -17,7 +17,7 @@ log = logging.getLogger("jaxspec")
 
 
 def _usage_error(msg: str) -> Exception:
-    from ._cli import UsageError  # lazy: _cli imports this module
+    from .main import UsageError  # lazy: _cli imports this module
 
     return UsageError(msg)
 
@@ -44,7 +44,7 @@ class _FrameBar:
 
 
 def _jobs(args):
-    from . import _batch
+    from .._pipeline import batch as _batch
 
     if args.glob is not None:
         if args.lists:
@@ -71,8 +71,8 @@ def _jobs(args):
 
 
 def _options(args):
-    from . import _batch
-    from ._cli import _parse_wavelength
+    from .._pipeline import batch as _batch
+    from .main import _parse_wavelength
 
     if args.chunk_size is not None and args.chunk_size < 1:
         raise _usage_error(f"--chunk-size must be positive, got {args.chunk_size}")
@@ -93,7 +93,7 @@ def _bind_before_jax(args) -> None:
 
     Called by ``_cli._setup`` ahead of ``--device``'s JAX calls; idempotent.
     """
-    from . import _distribute
+    from .._pipeline import devices as _distribute
 
     if getattr(args, "_world", None) is not None:
         return
@@ -111,7 +111,7 @@ def _bind_before_jax(args) -> None:
 
 def cmd_extract_batch(args) -> int:
     """Run ``jaxspec extract-batch``."""
-    from . import _batch
+    from .._pipeline import batch as _batch
 
     _bind_before_jax(args)
     w = args._world
@@ -173,7 +173,7 @@ def add_parser(subparsers, common) -> argparse.ArgumentParser:
                    help="with --glob: output path template, e.g. 'frames/frame-{tag}.fits'")
     p.add_argument("-w", "--wavelength", default=None,
                    help="wmin,wmax,dw in Angstrom (default: each PSF's range at 0.8 A)")
-    from ._cli import add_extraction_options
+    from .main import add_extraction_options
 
     add_extraction_options(p)
     p.add_argument("--chunk-size", type=int, default=None,
