@@ -1,7 +1,11 @@
 """Shared test set-up: float64 everywhere, and the reference data in ../shared."""
 
 import os
+import sys
 from pathlib import Path
+
+# helpers shared by test modules in several folders (``import _frames``)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # XLA's CPU pool must outnumber the batched LAPACK kernels that can run at once
 # (jaxlib 0.10 deadlocks otherwise on 2 cores); set before JAX starts. The CLI does the same.
