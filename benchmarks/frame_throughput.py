@@ -149,7 +149,8 @@ def check_slice(psf, setting, nspec=25, nwave=200, chunk_size=None):
 def stage_times(psf, wave, image, ivar, xy, nspec, setting, chunk_size, repeat, method="eigh"):
     """Time each stage of the per-patch function on the first chunk (block_until_ready)."""
     from jaxspec import patch_geometry
-    from jaxspec._extraction.extract import _canvas, _patch_inputs, _round_up, _Static, default_chunk_size
+    from jaxspec._extraction.extract import _canvas
+    from jaxspec._extraction.patch import _patch_inputs, _round_up, _Static, default_chunk_size
     from jaxspec._extraction.projection import gather_box, model_box, normal_equations, pixel_diagnostics
     from jaxspec.solve._cholesky import cholesky_factor, cholesky_inverse_blocks, cholesky_solve
     from jaxspec.solve._normal import regularize_normal

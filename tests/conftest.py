@@ -15,6 +15,9 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+# no silent dtype or rank promotion anywhere in the library (as equinox tests itself)
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
 # XLA:CPU's asynchronous dispatch can deadlock when eager ops are queued behind a
 # running compiled program (jax-ml/jax#25861; seen here with jax 0.10.2): run synchronously.
 jax.config.update("jax_cpu_enable_async_dispatch", False)

@@ -8,7 +8,8 @@ from astropy.io import fits
 from jax.test_util import check_grads
 
 import jaxspec
-from jaxspec._extraction.extract import _solve_chunk, extract_patches
+from jaxspec._extraction.extract import extract_patches
+from jaxspec._extraction.patch import _solve_chunk
 
 REF_CASES = ["specter-r0-67784-f000-024.fits", "specter-r0-67784-f100-124.fits"]
 

@@ -461,7 +461,7 @@ def run_batch(
     import jax
 
     from .devices import World, gather_parts, sharded_solve_chunk, split_fibers
-    from .._extraction.extract import default_chunk_size
+    from .._extraction.patch import default_chunk_size
 
     opts = opts or ExtractOptions()
     w = world or World()

@@ -87,7 +87,7 @@ class ShardedSolve:
         import jax
         from jax.sharding import PartitionSpec as P
 
-        from .._extraction.extract import _solve_chunk
+        from .._extraction.patch import _solve_chunk
 
         base = self._base or _solve_chunk
         mesh, axis = self.mesh, self.axis
@@ -189,7 +189,8 @@ def extract_sharded(image, ivar, psf, wave, *, devices: Sequence | None = None, 
     Returns:
         The :class:`jaxspec.Extraction`, equal to the one-device result.
     """
-    from .._extraction.extract import default_chunk_size, extract
+    from .._extraction.extract import extract
+    from .._extraction.patch import default_chunk_size
 
     solve = sharded_solve_chunk(devices)
     if chunk_size is None:

@@ -1,0 +1,125 @@
+"""The compiled kernel: one patch from spots to diagnostics, vmapped over a chunk of patches.
+
+For one patch (F fibers x K wavelength bins, a margin box of NY x NX pixels):
+
+    spots (PSF)  ->  A^T W A, A^T W p (:mod:`.projection`)  ->  Cholesky solve and
+    decorrelation (:func:`jaxspec.solve.solve_patch`)  ->  model, chi2pix, pixmask
+
+:func:`_solve_chunk` is the jit-compiled, vmapped function over a chunk of patches; its
+signature ``(psf, image, ivar, inputs, regularize, minweight_frac, psferr, static)`` is
+the seam for sharding (:class:`jaxspec._pipeline.devices.ShardedSolve` is a drop-in
+replacement).  It specialises only on :class:`_Static` (shapes and the decorrelation
+mode), so every frame of one shape shares one compiled program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..psf import PSF
+from ..solve import solve_patch
+from .geometry import PatchGeometry
+from .projection import gather_box, model_box, normal_equations, pixel_diagnostics
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything the compiled patch function specializes on."""
+
+    nfiber: int
+    nbin: int
+    box: tuple[int, int]  # margin box (NY + 2 ny, NX + 2 nx)
+    band: int
+    fiber_band: int
+    ndiag: int
+    decorrelate: str
+
+
+def _round_up(n: int, m: int) -> int:
+    return int(m * math.ceil(n / m))
+
+
+def _patch_inputs(geom: PatchGeometry, origin: tuple[int, int], margin: tuple[int, int], nbin: int) -> dict[str, np.ndarray]:
+    """Per-patch index arrays (host) consumed by the compiled function."""
+    k = np.arange(nbin)[None, :]
+    wave_idx = geom.wave_start[:, None] + k
+    wave_ok = (k < geom.nwave_patch[:, None]) & (wave_idx < len(geom.wave_ext))
+    wave_idx = np.where(wave_ok, wave_idx, 0)
+    oy, ox = origin
+    my, mx = margin
+    box = geom.box
+    # margin-box origin in canvas coordinates, and the real box inside it
+    y0 = box[:, 2] - oy - my
+    x0 = box[:, 0] - ox - mx
+    return dict(
+        fibers=geom.fibers,
+        fiber_valid=geom.fiber_valid,
+        wave=geom.wave_ext[wave_idx],
+        wave_valid=wave_ok,
+        y0=y0.astype(np.int32),
+        x0=x0.astype(np.int32),
+        box_ny=(box[:, 3] - box[:, 2]).astype(np.int32),
+        box_nx=(box[:, 1] - box[:, 0]).astype(np.int32),
+        box_ylo=box[:, 2].astype(np.int32),
+        box_xlo=box[:, 0].astype(np.int32),
+    )
+
+
+def _solve_one_patch(psf: PSF, image, ivar, inputs, regularize, minweight_frac, psferr, static: _Static):
+    """Spots -> normal equations -> solve -> diagnostics for one patch."""
+    ny, nx = psf.stamp_shape
+    nbox_y, nbox_x = static.box
+    with jax.named_scope("spots"):
+        fibers = inputs["fibers"][:, None]
+        wave = inputs["wave"][None, :]
+        xmin, ymin, stamps = psf.spots(fibers, wave)
+        valid = inputs["fiber_valid"][:, None] & inputs["wave_valid"][None, :]
+        stamps = jnp.where(valid[..., None, None], stamps, 0.0)
+        # corners in margin-box coordinates; a far-away spot is parked in the margin
+        cy = jnp.clip(ymin - inputs["box_ylo"] + ny, 0, nbox_y - ny)
+        cx = jnp.clip(xmin - inputs["box_xlo"] + nx, 0, nbox_x - nx)
+        far = (ymin - inputs["box_ylo"] + ny != cy) | (xmin - inputs["box_xlo"] + nx != cx)
+        stamps = jnp.where(far[..., None, None], 0.0, stamps)
+    with jax.named_scope("pixels"):
+        img = gather_box(image, inputs["y0"], inputs["x0"], static.box)
+        iv = gather_box(ivar, inputs["y0"], inputs["x0"], static.box)
+        rows = jnp.arange(nbox_y)[:, None]
+        cols = jnp.arange(nbox_x)[None, :]
+        inside = (rows >= ny) & (rows < ny + inputs["box_ny"]) & (cols >= nx) & (cols < nx + inputs["box_nx"])
+        iv = jnp.where(inside, iv, 0.0)
+        img = jnp.where(inside, img, 0.0)
+    with jax.named_scope("normal_equations"):
+        q, y, fluxweight = normal_equations(stamps, cy, cx, valid, img, iv, static.band, static.fiber_band)
+    with jax.named_scope("solve"):
+        sol = solve_patch(
+            q, y, fluxweight, valid.reshape(-1), static.nfiber, static.nbin, static.ndiag,
+            decorrelate=static.decorrelate, regularize=regularize, minweight_frac=minweight_frac,
+        )
+    with jax.named_scope("diagnostics"):
+        model = model_box(stamps, cy, cx, sol.xflux, static.box)
+        chi2pix, pixmask = pixel_diagnostics(stamps, cy, cx, img, iv, model, psferr)
+    return dict(
+        flux=sol.flux, ivar=sol.ivar, resolution=sol.resolution, xflux=sol.xflux,
+        chi2pix=chi2pix, pixmask_fraction=pixmask,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("static",))
+def _solve_chunk(psf, image, ivar, inputs, regularize, minweight_frac, psferr, static):
+    fn = functools.partial(_solve_one_patch, static=static)
+    return jax.vmap(fn, in_axes=(None, None, None, 0, None, None, None))(
+        psf, image, ivar, inputs, regularize, minweight_frac, psferr
+    )
+
+
+def default_chunk_size() -> int:
+    """Patches per compiled call: larger on accelerators, modest on CPUs."""
+    return 512 if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else 64
+
+
