@@ -109,10 +109,11 @@ def _jobs(list_path: Path, sub: str):
 
 
 def _opts(spec):
-    from jaxspec._pipeline import batch as _batch
+    import jaxspec
 
-    return _batch.ExtractOptions(wavelength=spec["wave"], nspec=spec["nspec"], nwavestep=spec["nwavestep"],
-                                 chunk_size=spec["chunk_size"])
+    return jaxspec.FrameOptions(wavelength=spec["wave"], nspec=spec["nspec"],
+                                extraction=jaxspec.ExtractOptions(nwavestep=spec["nwavestep"],
+                                                                  chunk_size=spec["chunk_size"]))
 
 
 def _cli_options(spec) -> list[str]:

@@ -8,11 +8,18 @@ Usage::
 Every ``preproc-CAM-EXPID.fits`` (e.g. ``preproc-r0-00012345.fits``) is extracted with
 ``PSF_DIR/psf-CAM.fits`` into ``OUT_DIR/frame-CAM-EXPID.fits``.  Frames whose output
 exists are skipped, so running the script again after it was killed finishes the job;
-a frame that fails is reported and the others go on.  The same as::
+a frame that fails is reported and the others go on.
 
-    jaxspec extract-batch --glob 'PREPROC_DIR/preproc-*.fits' --psf 'PSF_DIR/psf-{cam}.fits' ...
+The command line does the same with one PSF per exposure::
 
-except that the camera is taken from the file name here, in Python.
+    jaxspec extract-batch --glob 'PREPROC_DIR/preproc-*.fits' \
+        --psf 'PSF_DIR/psf-{tag}.fits' --output 'OUT_DIR/frame-{tag}.fits'
+
+Its templates know the fields ``{dir}``, ``{name}``, ``{stem}`` and ``{tag}`` of each input
+(``PREPROC_DIR/preproc-r0-00012345.fits``: dir ``PREPROC_DIR``, name
+``preproc-r0-00012345.fits``, stem ``preproc-r0-00012345``, tag ``r0-00012345``) and no
+camera field: that is why this script takes the camera (``r0``) from the file name itself,
+in Python, to share one PSF per camera.
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ def main() -> int:
         print(f"no {args.pattern} in {args.preproc_dir}", file=sys.stderr)
         return 2 if world.serial else world.comm.Abort(2)
     wl = tuple(float(v) for v in args.wavelength.split(",")) if args.wavelength else None
-    summary = _batch.run_batch(jobs, _batch.ExtractOptions(wavelength=wl), world=world)
+    summary = jaxspec.run_batch(jobs, jaxspec.FrameOptions(wavelength=wl), world=world)
     if world.root:
         print(summary.text())
     return 1 if summary.failed else 0

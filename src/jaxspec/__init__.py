@@ -21,80 +21,167 @@ Importing jaxspec never changes JAX's global configuration; enable float64 with
 ``jax.config.update("jax_enable_x64", True)`` for science results.
 """
 
-from . import psf, solve
-from ._pipeline.batch import FrameJob, run_batch
-from ._simulation.calib import (
-    CalibImage,
-    LineList,
-    arc_lines,
-    flat_spectrum,
-    read_lines,
-    simulate_arc,
-    simulate_flat,
-    write_lines,
-)
-from ._pipeline.devices import extract_distributed, extract_sharded
-from ._extraction.extract import Extraction, extract, extract_patches
-from ._fit.fit import (
-    CalibPatch,
-    FitResult,
-    apply_psf_params,
-    calib_patch,
-    fit_psf,
-    fit_psf_ccd,
-    flux_jacobian,
-    propagate_psf_uncertainty,
-)
-from ._io.frames import Frame, Preproc, read_frame, read_preproc, write_frame, write_preproc
-from ._extraction.geometry import PatchGeometry, patch_geometry
-from ._simulation.project import project, simulate
+import importlib
+from typing import TYPE_CHECKING
+
 from ._version import __version__
-from .psf import GaussHermitePSF, GaussianPSF, PSF, TraceGaussianPSF, desi_like_psf, read_psf, write_psf
-from .solve import apply_resolution
+
+#: Where each public name lives (imported on first use, so that ``import jaxspec``
+#: and ``jaxspec --help`` do not start JAX).
+_HOMES = {
+    "apply_psf_params": "._fit",
+    "apply_resolution": ".solve",
+    "arc_lines": "._simulation.calib",
+    "calib_patch": "._fit",
+    "CalibImage": "._simulation.calib",
+    "CalibPatch": "._fit",
+    "DEFAULT_GH_TERMS": "._fit",
+    "desi_like_psf": ".psf",
+    "extract": "._extraction.extract",
+    "extract_distributed": "._pipeline.devices",
+    "extract_patches": "._extraction.extract",
+    "extract_sharded": "._pipeline.devices",
+    "Extraction": "._extraction.extract",
+    "ExtractOptions": "._extraction.options",
+    "fit_psf": "._fit",
+    "fit_psf_ccd": "._fit",
+    "FitResult": "._fit",
+    "flat_spectrum": "._simulation.calib",
+    "flux_jacobian": "._fit",
+    "Frame": "._io.frames",
+    "FrameJob": "._pipeline.batch",
+    "FrameOptions": "._pipeline.job",
+    "GaussHermitePSF": ".psf",
+    "GaussianPSF": ".psf",
+    "LineList": "._simulation.calib",
+    "OptionError": "._extraction.options",
+    "patch_geometry": "._extraction.geometry",
+    "plot_extraction": "._plots",
+    "plot_frame": "._plots",
+    "PatchGeometry": "._extraction.geometry",
+    "Preproc": "._io.frames",
+    "project": "._simulation.project",
+    "propagate_psf_uncertainty": "._fit",
+    "psf": ".psf",
+    "PSF": ".psf",
+    "read_frame": "._io.frames",
+    "read_lines": "._simulation.calib",
+    "read_preproc": "._io.frames",
+    "read_psf": ".psf",
+    "run_batch": "._pipeline.batch",
+    "run_frame": "._pipeline.job",
+    "simulate": "._simulation.project",
+    "simulate_arc": "._simulation.calib",
+    "simulate_flat": "._simulation.calib",
+    "solve": ".solve",
+    "TraceGaussianPSF": ".psf",
+    "write_frame": "._io.frames",
+    "write_lines": "._simulation.calib",
+    "write_preproc": "._io.frames",
+    "write_psf": ".psf",
+}
 
 __all__ = [
-    "CalibImage",
-    "CalibPatch",
-    "Extraction",
-    "FitResult",
-    "Frame",
-    "FrameJob",
-    "GaussHermitePSF",
-    "GaussianPSF",
-    "LineList",
-    "PSF",
-    "PatchGeometry",
-    "Preproc",
-    "TraceGaussianPSF",
     "__version__",
     "apply_psf_params",
     "apply_resolution",
     "arc_lines",
     "calib_patch",
+    "CalibImage",
+    "CalibPatch",
+    "DEFAULT_GH_TERMS",
     "desi_like_psf",
     "extract",
     "extract_distributed",
     "extract_patches",
     "extract_sharded",
+    "Extraction",
+    "ExtractOptions",
     "fit_psf",
     "fit_psf_ccd",
+    "FitResult",
     "flat_spectrum",
     "flux_jacobian",
+    "Frame",
+    "FrameJob",
+    "FrameOptions",
+    "GaussHermitePSF",
+    "GaussianPSF",
+    "LineList",
+    "OptionError",
     "patch_geometry",
+    "PatchGeometry",
+    "plot_extraction",
+    "plot_frame",
+    "Preproc",
     "project",
     "propagate_psf_uncertainty",
     "psf",
+    "PSF",
     "read_frame",
     "read_lines",
     "read_preproc",
     "read_psf",
     "run_batch",
+    "run_frame",
     "simulate",
     "simulate_arc",
     "simulate_flat",
     "solve",
+    "TraceGaussianPSF",
     "write_frame",
     "write_lines",
     "write_preproc",
     "write_psf",
 ]
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'jaxspec' has no attribute {name!r}")
+    module = importlib.import_module(home, __name__)
+    value = module if home == "." + name else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # the same names for type checkers and documentation tools
+    from . import psf, solve
+    from ._pipeline.batch import FrameJob, run_batch
+    from ._simulation.calib import (
+        CalibImage,
+        LineList,
+        arc_lines,
+        flat_spectrum,
+        read_lines,
+        simulate_arc,
+        simulate_flat,
+        write_lines,
+    )
+    from ._pipeline.devices import extract_distributed, extract_sharded
+    from ._extraction.extract import Extraction, extract, extract_patches
+    from ._fit import (
+        DEFAULT_GH_TERMS,
+        CalibPatch,
+        FitResult,
+        apply_psf_params,
+        calib_patch,
+        fit_psf,
+        fit_psf_ccd,
+        flux_jacobian,
+        propagate_psf_uncertainty,
+    )
+    from ._io.frames import Frame, Preproc, read_frame, read_preproc, write_frame, write_preproc
+    from ._extraction.geometry import PatchGeometry, patch_geometry
+    from ._simulation.project import project, simulate
+    from ._version import __version__
+    from .psf import GaussHermitePSF, GaussianPSF, PSF, TraceGaussianPSF, desi_like_psf, read_psf, write_psf
+    from .solve import apply_resolution
+    from ._extraction.options import ExtractOptions, OptionError
+    from ._pipeline.job import FrameOptions, run_frame
+    from ._plots import plot_extraction, plot_frame

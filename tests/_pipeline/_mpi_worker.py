@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for _frames
 import _frames  # noqa: E402
 
+import jaxspec  # noqa: E402
 from jaxspec import read_psf  # noqa: E402
 from jaxspec._io import frames as _frameio  # noqa: E402
 from jaxspec._pipeline import batch as _batch  # noqa: E402
@@ -36,7 +37,7 @@ def main(workdir: str) -> int:
     assert w.size == 2, f"run me with mpirun -n 2 (size {w.size})"
     jobs = [_batch.FrameJob(a, b, c.replace(os.sep + "out" + os.sep, os.sep + "out_mpi" + os.sep))
             for a, b, c in (line.split() for line in open(os.path.join(workdir, "jobs.txt")) if line[0] != "#")]
-    opts = _batch.ExtractOptions(wavelength=_frames.WAVELENGTH, nwavestep=20, chunk_size=8)
+    opts = jaxspec.FrameOptions(wavelength=_frames.WAVELENGTH, extraction=jaxspec.ExtractOptions(nwavestep=20, chunk_size=8))
     summary = _batch.run_batch(jobs, opts, world=w)
     if w.root:
         with open(os.path.join(workdir, "summary_mpi.json"), "w") as fh:

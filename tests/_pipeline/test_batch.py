@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 import _frames
+import jaxspec
 from jaxspec._pipeline import batch as _batch
-from jaxspec._cli.main import extract_file, main
+from jaxspec._cli.extract import extract_file
+from jaxspec._cli.main import main
 
 NFRAMES = 6
 
@@ -25,7 +27,7 @@ def frames(tmp_path_factory):
 
 
 def _opts():
-    return _batch.ExtractOptions(wavelength=_frames.WAVELENGTH, nwavestep=20, chunk_size=8)
+    return jaxspec.FrameOptions(wavelength=_frames.WAVELENGTH, extraction=jaxspec.ExtractOptions(nwavestep=20, chunk_size=8))
 
 
 def _moved(jobs, d, sub):

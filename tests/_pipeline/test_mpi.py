@@ -53,7 +53,7 @@ def test_two_ranks_write_the_frames_of_one_process(mpi_run):
     assert (summary["ranks"], summary["done"], summary["failed"], summary["total"]) == (2, 3, 0, 3)
     assert sorted(r["rank"] for r in summary["records"]) == [0, 0, 1]  # frame 2 written by its group's root
     serial = [_batch.FrameJob(j.image, j.psf, str(d / "out_serial" / Path(j.output).name)) for j in jobs]
-    s = _batch.run_batch(serial, _batch.ExtractOptions(wavelength=_frames.WAVELENGTH, nwavestep=20, chunk_size=8))
+    s = _batch.run_batch(serial, jaxspec.FrameOptions(wavelength=_frames.WAVELENGTH, extraction=jaxspec.ExtractOptions(nwavestep=20, chunk_size=8)))
     assert s.done == 3
     mpi_outputs = [str(d / "out_mpi" / Path(j.output).name) for j in jobs]
     # float32 files: float64 results that differ in the last bits (each rank runs XLA on its own

@@ -1,8 +1,9 @@
 """``jaxspec extract-batch``: many frames across devices and MPI ranks, resumable.
 
-Wired into the command line by :func:`jaxspec._cli.build_parser` through
-:func:`add_parser`.  The work is done by :func:`jaxspec._batch.run_batch`; ranks and
-GPUs come from :mod:`jaxspec._distribute`.  Exit status: 0 when every frame was
+Wired into the command line by :func:`jaxspec._cli.main.build_parser` through
+:func:`add_parser`.  The work is done by :func:`jaxspec._pipeline.batch.run_batch` (each
+frame the one frame job of :mod:`jaxspec._pipeline.job`); ranks and GPUs come from
+:mod:`jaxspec._pipeline.devices`.  Exit status: 0 when every frame was
 extracted or skipped, 1 when any failed, 2 for a bad command line.
 """
 
@@ -11,36 +12,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
+
+from .common import Progress, UsageError, add_extraction_options, frame_options
 
 log = logging.getLogger("jaxspec")
 
 
-def _usage_error(msg: str) -> Exception:
-    from .main import UsageError  # lazy: _cli imports this module
-
-    return UsageError(msg)
-
-
-class _FrameBar:
-    """A tqdm bar of frames on a terminal (rank 0, not --quiet); silent otherwise."""
-
-    def __init__(self, quiet: bool):
-        self.bar = None
-        self.enabled = not quiet and sys.stderr.isatty()
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        if self.bar is None:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc="extract-batch", unit="frame")
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+_usage_error = UsageError
 
 
 def _jobs(args):
@@ -70,22 +48,32 @@ def _jobs(args):
     return jobs
 
 
-def _options(args):
-    from .._pipeline import batch as _batch
-    from .main import _parse_wavelength
+def _check_reports(args, jobs) -> None:
+    """``--failures`` and ``--summary-json``: writable, not an input or a job list, not replaced without --overwrite."""
+    from .._io.atomic import check_output_path
 
-    if args.chunk_size is not None and args.chunk_size < 1:
-        raise _usage_error(f"--chunk-size must be positive, got {args.chunk_size}")
-    if args.bundlesize < 1 or args.nsubbundles < 1 or args.bundlesize % args.nsubbundles:
-        raise _usage_error(f"--bundlesize {args.bundlesize} must be a multiple of --nsubbundles {args.nsubbundles}")
-    if args.nwavestep < 1:
-        raise _usage_error(f"--nwavestep must be positive, got {args.nwavestep}")
-    return _batch.ExtractOptions(
-        wavelength=_parse_wavelength(args.wavelength), specmin=args.specmin, nspec=args.nspec,
-        bundlesize=args.bundlesize, nsubbundles=args.nsubbundles, nwavestep=args.nwavestep,
-        wavepad_frac=args.wavepad_frac, pixpad_frac=args.pixpad_frac, regularize=args.regularize,
-        psferr=args.psferr, decorrelate=args.decorrelate, chunk_size=args.chunk_size,
-    )
+    inputs = {os.path.abspath(p) for p in (args.lists or [])}
+    if jobs:
+        inputs |= {os.path.abspath(p) for j in jobs for p in (j.image, j.psf, j.output)}
+    for flag, path in (("--failures", args.failures), ("--summary-json", args.summary_json)):
+        if path is None:
+            continue
+        if os.path.abspath(path) in inputs:
+            raise _usage_error(f"{flag} {path} is a job list, an input or an output of the batch; choose another name")
+        try:
+            check_output_path(path, args.overwrite)
+        except OSError as err:
+            raise _usage_error(f"{flag}: {err}") from None
+    if args.failures is not None and args.summary_json is not None and \
+            os.path.abspath(args.failures) == os.path.abspath(args.summary_json):
+        raise _usage_error("--failures and --summary-json name the same file; choose two names")
+
+
+def check(args) -> None:
+    """Options, the job list and the report paths, before JAX starts (rank 0 reads the list)."""
+    args._options = frame_options(args)
+    args._jobs = _jobs(args)
+    _check_reports(args, args._jobs)
 
 
 def _bind_before_jax(args) -> None:
@@ -113,15 +101,13 @@ def cmd_extract_batch(args) -> int:
     """Run ``jaxspec extract-batch``."""
     from .._pipeline import batch as _batch
 
+    from .._io.atomic import atomic_write
+
     _bind_before_jax(args)
     w = args._world
-    opts = _options(args)
-    jobs = _jobs(args) if w.root else None
-    if args.failures is not None and w.root:
-        d = os.path.dirname(os.path.abspath(args.failures))
-        if not os.path.isdir(d):
-            raise _usage_error(f"--failures {args.failures}: directory {d} does not exist")
-    bar = _FrameBar(args.quiet or not w.root)
+    opts = args._options
+    jobs = args._jobs if w.root else None
+    bar = Progress("extract-batch", args.quiet or not w.root, unit="frame")
     try:
         summary = _batch.run_batch(jobs, opts, overwrite=args.overwrite, overlap=not args.no_overlap, world=w,
                                    progress=bar)
@@ -140,12 +126,12 @@ def cmd_extract_batch(args) -> int:
             failed = summary.failures()
             path = _batch.write_job_list(
                 args.failures, [_batch.FrameJob(r["image"], jobs[r["index"]].psf, r["output"]) for r in failed],
-                comments=[r["error"] for r in failed],
+                comments=[r["error"] for r in failed], overwrite=args.overwrite,
             )
             print(f"{len(failed)} failed job(s) listed in {path}")
         if args.summary_json is not None:
-            with open(args.summary_json, "w", encoding="utf-8") as fh:
-                fh.write(_batch.summary_json(summary))
+            data = _batch.summary_json(summary).encode("utf-8")
+            atomic_write(args.summary_json, lambda fh: fh.write(data), overwrite=args.overwrite)
     return 1 if summary.failed else 0
 
 
@@ -171,13 +157,7 @@ def add_parser(subparsers, common) -> argparse.ArgumentParser:
                    help="with --glob: PSF path template, fields {dir} {name} {stem} {tag} of the input")
     p.add_argument("-o", "--output", default=None, metavar="TEMPLATE",
                    help="with --glob: output path template, e.g. 'frames/frame-{tag}.fits'")
-    p.add_argument("-w", "--wavelength", default=None,
-                   help="wmin,wmax,dw in Angstrom (default: each PSF's range at 0.8 A)")
-    from .main import add_extraction_options
-
     add_extraction_options(p)
-    p.add_argument("--chunk-size", type=int, default=None,
-                   help="patches per compiled call over all of a rank's devices (default by device)")
     p.add_argument("--no-overlap", action="store_true",
                    help="read, extract and write one frame after another (default: reading and writing "
                         "run in threads beside the extraction)")
@@ -193,5 +173,5 @@ def add_parser(subparsers, common) -> argparse.ArgumentParser:
     p.add_argument("--summary-json", default=None, metavar="FILE",
                    help="write the summary with per-frame timings to FILE (JSON)")
     common(p)
-    p.set_defaults(func=cmd_extract_batch, before_jax=_bind_before_jax, _world=None)
+    p.set_defaults(func=cmd_extract_batch, check=check, before_jax=_bind_before_jax, _world=None)
     return p

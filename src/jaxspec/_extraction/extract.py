@@ -10,7 +10,9 @@ second frame of the same shape does not recompile.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import warnings
 from collections.abc import Callable
 
 import equinox as eqx
@@ -20,6 +22,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from .geometry import PatchGeometry, patch_geometry
+from .options import ExtractOptions
 from .patch import _patch_inputs, _round_up, _solve_chunk, _Static, default_chunk_size
 from ..psf import PSF
 
@@ -96,60 +99,81 @@ def _as_array(a):
     return jnp.asarray(a)
 
 
+_OLD_KEYWORDS = {
+    "bundlesize": "bundlesize", "nsubbundles": "nsubbundles", "wavesize": "nwavestep", "nwavestep": "nwavestep",
+    "wavepad_frac": "wavepad_frac", "pixpad_frac": "pixpad_frac", "regularize": "regularize",
+    "decorrelate": "decorrelate", "psferr": "psferr", "minweight_frac": "minweight_frac",
+    "chunk_size": "chunk_size",
+}
+
+
+def _resolve_options(options: ExtractOptions | None, old: dict, where: str) -> ExtractOptions:
+    """``options``, or one made from the keywords of the previous release (with a DeprecationWarning)."""
+    unknown = sorted(set(old) - set(_OLD_KEYWORDS))
+    if unknown:
+        raise TypeError(f"{where}() got unexpected keyword argument(s) {unknown}")
+    options = ExtractOptions() if options is None else options
+    if not isinstance(options, ExtractOptions):
+        raise TypeError(f"{where}(options=...) must be an ExtractOptions, not {type(options).__name__}")
+    if old:
+        fields = {_OLD_KEYWORDS[k]: v for k, v in old.items()}
+        warnings.warn(
+            f"{where}({', '.join(f'{k}=' for k in old)}) is deprecated and will be removed in the next release; "
+            f"pass options=jaxspec.ExtractOptions({', '.join(f'{k}=...' for k in fields)})",
+            DeprecationWarning, stacklevel=3)
+        options = dataclasses.replace(options, **fields)
+    return options
+
+
 def extract(
     image: Float[Array, "ny nx"],
     ivar: Float[Array, "ny nx"],
     psf: PSF,
     wave: Float[Array, " nwave"],
+    *,
     specmin: int = 0,
     nspec: int = 25,
     xyrange: tuple[int, int, int, int] | None = None,
-    bundlesize: int = 25,
-    nsubbundles: int = 5,
-    wavesize: int = 50,
-    wavepad_frac: float = 0.2,
-    pixpad_frac: float = 0.8,
-    regularize: float = 0.0,
-    decorrelate: str = "signal",
-    psferr: float | None = None,
+    options: ExtractOptions | None = None,
     model: bool = False,
-    minweight_frac: float = 1e-4,
-    chunk_size: int | None = None,
+    geometry: PatchGeometry | None = None,
     progress: Callable[[int, int], None] | None = None,
     solve_chunk: Callable | None = None,
+    **deprecated,
 ) -> Extraction:
     """Spectro-perfectionism extraction of fibers ``specmin .. specmin+nspec-1``.
 
     Args:
-        image: (ny, nx) pixel values [photons]; a sub-image of the CCD when
+        image: (ny, nx) pixel values [electrons]; a sub-image of the CCD when
             ``xyrange`` is given.
-        ivar: (ny, nx) pixel inverse variances; 0 marks bad pixels.
+        ivar: (ny, nx) pixel inverse variances [electrons^-2]; 0 marks bad pixels.
         psf: the PSF model.
         wave: (nwave,) linear wavelength grid [A].
         specmin: first fiber to extract.
-        nspec: number of fibers to extract (a multiple of ``bundlesize``).
+        nspec: number of fibers to extract.
         xyrange: ``(xmin, xmax, ymin, ymax)``: where ``image[0, 0]`` sits on the
             CCD (pixel (xmin, ymin)); None for a full-CCD image.
-        bundlesize: fibers per bundle (bundles are extracted independently).
-        nsubbundles: subbundles per bundle; each is one patch column, extracted with
-            one neighbour fiber on each side.
-        wavesize: core wavelength bins per patch.
-        wavepad_frac: extra wavelength padding of each patch, as a fraction of the
-            spot height.
-        pixpad_frac: extra pixel rows of each patch, as a fraction of the spot height.
-        regularize: extra diagonal regularisation of every bin.
-        decorrelate: ``"signal"`` (per fiber, default) or ``"full"`` (whole patch).
-        psferr: fractional PSF error used in chi2pix (default: the PSF's).
+        options: how patches are cut and solved (:class:`ExtractOptions`; DESI's
+            defaults when None).
         model: also return the model image ``A xflux``.
-        minweight_frac: bins with a pixel weight below this fraction of the
-            patch's largest are regularised toward zero.
-        chunk_size: patches per compiled call (default by backend).
+        geometry: the patch geometry of exactly these ``psf``, ``wave``, fibers and
+            options, when the caller keeps one (e.g. a cache per PSF file); None
+            cuts it here.
         progress: optional callback ``progress(done, total)`` after each chunk.
         solve_chunk: replacement for the compiled chunk solver (e.g. sharded over
-            devices, see :mod:`jaxspec._distribute`).
+            devices, see :mod:`jaxspec._pipeline.devices`).
+        **deprecated: the previous release's keywords (``bundlesize``,
+            ``nsubbundles``, ``wavesize``, ``wavepad_frac``, ``pixpad_frac``,
+            ``regularize``, ``decorrelate``, ``psferr``, ``minweight_frac``,
+            ``chunk_size``), accepted with a DeprecationWarning.
 
     Returns:
         An :class:`Extraction` of fibers ``specmin .. specmin + nspec - 1`` on ``wave``.
+
+    Raises:
+        OptionError: a bad option (a ValueError naming the field).
+        ValueError: image and ivar of different shapes, fibers or wavelengths
+            outside the PSF.
 
     Example:
         ```python
@@ -160,52 +184,28 @@ def extract(
         wave = 5650.0 + 0.8 * np.arange(100)
         psf = jaxspec.desi_like_psf(nspec=25, wmin=wave[0] - 10, wmax=wave[-1] + 10)
         image, ivar, _ = jaxspec.simulate(psf, wave, np.full((25, 100), 100.0))
-        ex = jaxspec.extract(image, ivar, psf, wave, nspec=25)
-        ex.flux.shape   # (25, 100), photons / A
+        ex = jaxspec.extract(image, ivar, psf, wave, nspec=25,
+                             options=jaxspec.ExtractOptions(nwavestep=40))
+        ex.flux.shape   # (25, 100), electrons / A
         ```
     """
-    if decorrelate not in ("signal", "full"):
-        raise ValueError(f"decorrelate must be 'signal' or 'full', not {decorrelate!r}")
+    options = _resolve_options(options, deprecated, "extract")
     image = _as_array(image)
     ivar = _as_array(ivar)
     if image.ndim != 2 or image.shape != ivar.shape:
         raise ValueError(f"image {image.shape} and ivar {ivar.shape} must be 2D arrays of one shape")
-    geom = _cached_geometry(
-        psf, np.asarray(wave, dtype=float), specmin, nspec, bundlesize, nsubbundles, wavesize, wavepad_frac, pixpad_frac
+    if geometry is None:
+        geometry = patch_geometry_for(psf, wave, specmin, nspec, options)
+    return extract_patches(image, ivar, psf, geometry, xyrange=xyrange, options=options, model=model,
+                           progress=progress, solve_chunk=solve_chunk)
+
+
+def patch_geometry_for(psf: PSF, wave, specmin: int, nspec: int, options: ExtractOptions) -> PatchGeometry:
+    """:func:`patch_geometry` of fibers ``specmin..specmin+nspec-1`` x ``wave`` with ``options``' sizes."""
+    return patch_geometry(
+        psf, np.asarray(wave, dtype=float), specmin, nspec, options.bundlesize, options.nsubbundles,
+        options.nwavestep, options.wavepad_frac, options.pixpad_frac,
     )
-    return extract_patches(
-        image, ivar, psf, geom, xyrange=xyrange, regularize=regularize, decorrelate=decorrelate,
-        psferr=psferr, model=model, minweight_frac=minweight_frac, chunk_size=chunk_size, progress=progress,
-        solve_chunk=solve_chunk,
-    )
-
-
-_GEOMETRY_CACHE: dict = {}
-_GEOMETRY_CACHE_SIZE = 64
-
-
-def _cached_geometry(psf: PSF, wave: np.ndarray, *args) -> PatchGeometry:
-    """``patch_geometry`` remembered per PSF object (PSF modules are immutable).
-
-    A night's frames reuse one PSF per camera: its patches are cut once.  Keyed by
-    the PSF's identity (checked through a weak reference, so a new object at a
-    recycled address is never confused with an old one), the grid and the options.
-    """
-    import weakref
-
-    key = (id(psf), wave.tobytes(), args)
-    hit = _GEOMETRY_CACHE.get(key)
-    if hit is not None and hit[0]() is psf:
-        return hit[1]
-    geom = patch_geometry(psf, wave, *args)
-    try:
-        ref = weakref.ref(psf)
-    except TypeError:  # not weak-referenceable: do not cache
-        return geom
-    if len(_GEOMETRY_CACHE) >= _GEOMETRY_CACHE_SIZE:
-        _GEOMETRY_CACHE.pop(next(iter(_GEOMETRY_CACHE)))
-    _GEOMETRY_CACHE[key] = (ref, geom)
-    return geom
 
 
 def extract_patches(
@@ -213,38 +213,36 @@ def extract_patches(
     ivar: Float[Array, "ny nx"],
     psf: PSF,
     geom: PatchGeometry,
+    *,
     xyrange: tuple[int, int, int, int] | None = None,
-    regularize: float = 0.0,
-    decorrelate: str = "signal",
-    psferr: float | None = None,
+    options: ExtractOptions | None = None,
     model: bool = False,
-    minweight_frac: float = 1e-4,
-    chunk_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     solve_chunk: Callable | None = None,
+    **deprecated,
 ) -> Extraction:
     """Extract with a fixed patch geometry (see :func:`extract` for the arguments).
 
     :func:`extract` computes ``geom = patch_geometry(psf, wave, ...)`` on the host
     and calls this; call it directly to reuse one geometry for many images, or to
     differentiate with respect to the PSF's parameters (the geometry's integer
-    boxes stay fixed while the spots move).
+    boxes stay fixed while the spots move).  Only the solve options of ``options``
+    are used here (``regularize``, ``decorrelate``, ``psferr``, ``minweight_frac``,
+    ``chunk_size``); the patch sizes are the geometry's.
 
     Args:
-        image: (ny, nx) pixel values [photons].
+        image: (ny, nx) pixel values [electrons].
         ivar: (ny, nx) pixel inverse variances.
         psf: the PSF model.
         geom: patches from :func:`patch_geometry`.
         xyrange: where the image sits on the CCD, as in :func:`extract`.
-        regularize: extra diagonal regularisation of every bin.
-        decorrelate: ``"signal"`` or ``"full"``.
-        psferr: fractional PSF error used in chi2pix.
+        options: the solve options (:class:`ExtractOptions`).
         model: also return the model image.
-        minweight_frac: low-weight regularisation threshold.
-        chunk_size: patches per compiled call.
         progress: callback ``progress(done, total)``.
         solve_chunk: replacement for the compiled chunk solver (same signature as
             ``_solve_chunk``), e.g. one sharded over several devices.
+        **deprecated: ``regularize``, ``decorrelate``, ``psferr``,
+            ``minweight_frac``, ``chunk_size`` as in the previous release.
 
     Returns:
         An :class:`Extraction`.
@@ -253,6 +251,9 @@ def extract_patches(
         >>> geom = jaxspec.patch_geometry(psf, wave, 0, 25)
         >>> grad = jax.grad(lambda p: extract_patches(image, ivar, p, geom).flux.sum())(psf)
     """
+    options = _resolve_options(options, deprecated, "extract_patches")
+    regularize, decorrelate = options.regularize, options.decorrelate
+    psferr, minweight_frac, chunk_size = options.psferr, options.minweight_frac, options.chunk_size
     solve_chunk = _solve_chunk if solve_chunk is None else solve_chunk
     ny, nx = psf.stamp_shape
     psferr = psf.psferr if psferr is None else float(psferr)

@@ -17,7 +17,6 @@ A batch is a list of :class:`FrameJob` (preproc image, PSF file, output frame fi
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import glob as _glob
 import json
@@ -30,29 +29,27 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 
-import numpy as np
+from .._io.atomic import atomic_write, clean_stale_temps
+from . import job
+from .job import FrameJob
 
 log = logging.getLogger("jaxspec")
 
-_TMP_RE = r"\.{base}\.[0-9a-f]{{12}}\.tmp"
+#: How a job's files are named in its messages.
+_LABELS = {"image": "image", "psf": "PSF", "output": "output", "model": "model"}
+
+#: A ``#`` that starts a comment in a job list: at the start of a line or after white space.
+_COMMENT = re.compile(r"(?:^|\s)#")
 _PROGRESS_TAG = 7301
 
 
 # ----------------------------------------------------------------------------- jobs
-@dataclasses.dataclass(frozen=True)
-class FrameJob:
-    """One frame to extract: preproc ``image``, ``psf`` file and ``output`` frame file."""
-
-    image: str
-    psf: str
-    output: str
-
-
 def read_job_list(path: str | os.PathLike) -> list[FrameJob]:
     """Jobs from a text file: one ``IMAGE PSF OUTPUT`` triple per line.
 
-    Blank lines and ``#`` comments are ignored; relative paths are relative to the
-    current directory.
+    Blank lines and comments are ignored: a ``#`` at the start of a line or after
+    white space starts one, so ``out/frame#1.fits`` is a path; relative paths are
+    relative to the current directory.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -60,7 +57,7 @@ def read_job_list(path: str | os.PathLike) -> list[FrameJob]:
     jobs = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
-            text = line.split("#", 1)[0].strip()
+            text = _COMMENT.split(line, maxsplit=1)[0].strip()
             if not text:
                 continue
             parts = text.split()
@@ -116,38 +113,19 @@ def check_jobs(jobs: Sequence[FrameJob]) -> None:
         seen[out] = i
 
 
-def write_job_list(path: str | os.PathLike, jobs: Sequence[FrameJob], comments: Sequence[str] | None = None) -> str:
-    """Write jobs as a list file (readable by :func:`read_job_list`), atomically."""
-    path = os.path.abspath(os.fspath(path))
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for i, j in enumerate(jobs):
-            if comments is not None and comments[i]:
-                fh.write("# " + " ".join(str(comments[i]).split()) + "\n")
-            fh.write(f"{j.image} {j.psf} {j.output}\n")
-    os.replace(tmp, path)
-    return path
+def write_job_list(path: str | os.PathLike, jobs: Sequence[FrameJob], comments: Sequence[str] | None = None,
+                   overwrite: bool = False) -> str:
+    """Write jobs as a list file (readable by :func:`read_job_list`) through the one atomic writer."""
+    lines = []
+    for i, j in enumerate(jobs):
+        if comments is not None and comments[i]:
+            lines.append("# " + " ".join(str(comments[i]).split()))
+        lines.append(f"{j.image} {j.psf} {j.output}")
+    data = ("\n".join(lines) + "\n" if lines else "").encode("utf-8")
+    return atomic_write(path, lambda fh: fh.write(data), overwrite=overwrite)
 
 
-# ----------------------------------------------------------------------------- options, summary
-@dataclasses.dataclass(frozen=True)
-class ExtractOptions:
-    """Extraction options shared by every frame of a batch (see ``jaxspec extract``)."""
-
-    wavelength: tuple[float, float, float] | None = None
-    specmin: int = 0
-    nspec: int | None = None
-    bundlesize: int = 25
-    nsubbundles: int = 5
-    nwavestep: int = 50
-    wavepad_frac: float = 0.2
-    pixpad_frac: float = 0.8
-    regularize: float = 0.0
-    psferr: float | None = None
-    decorrelate: str = "signal"
-    chunk_size: int | None = None
-
-
+# ----------------------------------------------------------------------------- summary
 @dataclasses.dataclass
 class BatchSummary:
     """What a batch did.
@@ -222,136 +200,16 @@ def plan(pending: Sequence[int], size: int) -> list[list[_Unit]]:
     return units
 
 
-def _clean_stale_temps(jobs: Sequence[FrameJob], pending: Sequence[int]) -> int:
-    """Remove temporary files a killed run left beside the outputs it was writing."""
-    n = 0
-    for i in pending:
-        out = os.path.abspath(jobs[i].output)
-        d, base = os.path.split(out)
-        if not os.path.isdir(d):
-            continue
-        pat = re.compile(_TMP_RE.format(base=re.escape(base)) + "$")
-        for name in os.listdir(d):
-            if pat.match(name):
-                try:
-                    os.unlink(os.path.join(d, name))
-                    n += 1
-                except FileNotFoundError:
-                    pass
-    return n
-
-
 # ----------------------------------------------------------------------------- read / compute / write
-@dataclasses.dataclass
-class _Loaded:
-    """A frame read from disk and placed on the device."""
-
-    job: FrameJob
-    pre: object  # Preproc (header, fibermap)
-    psf: object
-    wave: np.ndarray
-    specmin: int
-    nspec: int
-    image: object  # device array
-    ivar: object
-    xyrange: tuple[int, int, int, int]
-    read_s: float
-
-
-class _PsfCache:
-    """The last few PSFs read, by path and modification time."""
-
-    def __init__(self, size: int = 4):
-        self.size = size
-        self._d: collections.OrderedDict = collections.OrderedDict()
-
-    def get(self, path: str):
-        from ..psf import read_psf
-
-        key = (os.path.abspath(path), os.stat(path).st_mtime_ns)
-        if key in self._d:
-            self._d.move_to_end(key)
-            return self._d[key]
-        psf = read_psf(path)
-        self._d[key] = psf
-        while len(self._d) > self.size:
-            self._d.popitem(last=False)
-        return psf
-
-
-def _load(job: FrameJob, opts: ExtractOptions, psfs: _PsfCache) -> _Loaded:
-    """Read and check one frame's inputs (the checks of ``jaxspec extract``)."""
-    import types
-
-    import jax
-
-    from .._io import frames as _frameio
-    from .._cli.main import UsageError, _check_extract_options, wave_grid
-
-    t0 = time.perf_counter()
-    if not os.path.exists(job.psf):
-        raise UsageError(f"PSF {job.psf}: no such file")
-    if not os.path.exists(job.image):
-        raise UsageError(f"image {job.image}: no such file")
-    psf = psfs.get(job.psf)
-    ns = types.SimpleNamespace(specmin=opts.specmin, nspec=opts.nspec, bundlesize=opts.bundlesize,
-                               nsubbundles=opts.nsubbundles, nwavestep=opts.nwavestep)
-    specmin, nspec = _check_extract_options(ns, psf)
-    wave = wave_grid(psf, opts.wavelength)
-    try:
-        psf.check_wavelengths(wave)
-    except ValueError as err:
-        raise UsageError(f"--wavelength: {err}; choose a range inside the PSF's {job.psf}") from None
-    pre = _frameio.read_preproc(job.image)
-    image = jax.device_put(pre.image)
-    ivar = jax.device_put(pre.ivar)
-    xyrange = (0, pre.image.shape[1], 0, pre.image.shape[0])
-    pre.image = pre.ivar = pre.mask = pre.truth = None  # the device holds the pixels now
-    return _Loaded(job, pre, psf, np.asarray(wave), specmin, nspec, image, ivar, xyrange,
-                   time.perf_counter() - t0)
-
-
-def _compute(ld: _Loaded, opts: ExtractOptions, first: int, n: int, solve_chunk, chunk_size) -> dict[str, np.ndarray]:
-    """Extract fibers first .. first+n-1 of a loaded frame; host arrays for the frame file."""
-    import jax
-
-    from .._extraction.extract import extract
-
-    ex = extract(
-        ld.image, ld.ivar, ld.psf, ld.wave, specmin=first, nspec=n, xyrange=ld.xyrange,
-        bundlesize=opts.bundlesize, nsubbundles=opts.nsubbundles, wavesize=opts.nwavestep,
-        wavepad_frac=opts.wavepad_frac, pixpad_frac=opts.pixpad_frac, regularize=opts.regularize,
-        decorrelate=opts.decorrelate, psferr=opts.psferr, chunk_size=chunk_size, solve_chunk=solve_chunk,
-    )
-    out = jax.device_get(dict(flux=ex.flux, ivar=ex.ivar, resolution=ex.resolution, chi2pix=ex.chi2pix))
-    out = {k: np.asarray(v) for k, v in out.items()}
-    out["wave"] = np.asarray(ex.wave)
-    return out
-
-
-def _write(ld: _Loaded, arrays: dict[str, np.ndarray], opts: ExtractOptions, overwrite: bool) -> str:
-    """The frame file, as ``jaxspec extract`` writes it."""
-    from .._io import frames as _frameio
-
-    specmin, nspec = ld.specmin, ld.nspec
-    fibermap = ld.pre.fibermap
-    if fibermap is not None and len(fibermap) >= specmin + nspec and len(fibermap) != nspec:
-        fibermap = fibermap[specmin:specmin + nspec]
-    options = dict(
-        bundlesize=opts.bundlesize, nsubbundles=opts.nsubbundles, nwavestep=opts.nwavestep,
-        wavepad_frac=opts.wavepad_frac, pixpad_frac=opts.pixpad_frac, regularize=opts.regularize,
-        psferr=ld.psf.psferr if opts.psferr is None else opts.psferr, decorrelate=opts.decorrelate,
-    )
-    return _frameio.write_frame(
-        ld.job.output, wave=arrays["wave"], flux=arrays["flux"], ivar=arrays["ivar"],
-        resolution=arrays["resolution"], chi2pix=arrays["chi2pix"], fibermap=fibermap, header=ld.pre.header,
-        specmin=specmin, input_path=ld.job.image, psf_path=ld.job.psf, options=options, overwrite=overwrite,
-    )
+def _load(frame: job.FrameJob, opts: job.FrameOptions, psfs: job.PsfCache) -> job.Prepared:
+    """Read and check one frame (the checks of ``jaxspec extract``), its pixels placed on the device."""
+    job.check_paths(frame, overwrite=True, labels=_LABELS)
+    return job.prepare(frame, opts, psfs, labels=_LABELS, device_put=True)
 
 
 def _error_text(err: BaseException) -> str:
     text = str(err) or type(err).__name__
-    return text if isinstance(err, (OSError, ValueError)) or type(err).__name__ == "UsageError" \
+    return text if isinstance(err, (OSError, ValueError)) \
         else f"{type(err).__name__}: {text}"
 
 
@@ -419,10 +277,10 @@ class _Writer:
         self.t.join()
 
 
-def _do_write(rec: dict, ld: _Loaded, arrays, opts, overwrite):
+def _do_write(rec: dict, ld: job.Prepared, arrays, opts, overwrite):
     t0 = time.perf_counter()
     try:
-        _write(ld, arrays, opts, overwrite)
+        job.write(ld, arrays, overwrite)
         rec["status"] = "ok"
     except BaseException as err:  # noqa: BLE001 - reported per frame
         rec["status"] = "failed"
@@ -433,7 +291,7 @@ def _do_write(rec: dict, ld: _Loaded, arrays, opts, overwrite):
 
 def run_batch(
     jobs: Sequence[FrameJob],
-    opts: ExtractOptions | None = None,
+    opts: job.FrameOptions | None = None,
     *,
     overwrite: bool = False,
     overlap: bool = True,
@@ -445,7 +303,7 @@ def run_batch(
 
     Args:
         jobs: the frames (the same list on every rank; rank 0's is used).
-        opts: extraction options (default :class:`ExtractOptions`).
+        opts: what to extract of each frame (default :class:`~jaxspec._pipeline.job.FrameOptions`).
         overwrite: redo jobs whose output exists (and replace it).
         overlap: read the next frame and write the previous one in threads while
             the current one is computed; False runs read, compute, write in turn.
@@ -463,7 +321,7 @@ def run_batch(
     from .devices import World, gather_parts, sharded_solve_chunk, split_fibers
     from .._extraction.patch import default_chunk_size
 
-    opts = opts or ExtractOptions()
+    opts = opts or job.FrameOptions()
     w = world or World()
     comm = w.comm if not w.serial else None
     t_start = time.perf_counter()
@@ -476,7 +334,7 @@ def run_batch(
         for i in pending:
             d = os.path.dirname(os.path.abspath(jobs[i].output))
             os.makedirs(d, exist_ok=True)
-        stale = _clean_stale_temps(jobs, pending)
+        stale = clean_stale_temps(jobs[i].output for i in pending)
         if stale:
             log.warning("removed %d temporary file(s) left by an interrupted run", stale)
         shared = (jobs, pending)
@@ -498,7 +356,7 @@ def run_batch(
 
     devs = list(jax.local_devices() if devices is None else devices)
     solve = sharded_solve_chunk(devs) if len(devs) > 1 else None
-    chunk_size = opts.chunk_size or default_chunk_size() * len(devs)
+    chunk_size = opts.extraction.chunk_size or default_chunk_size() * len(devs)
     log.info("rank %d/%d: %d of %d frame(s) pending (%d already done), %d unit(s) here on %d device(s)%s",
              w.rank, w.size, len(pending), len(jobs), len(jobs) - len(pending), len(mine), len(devs),
              ", IO overlapped" if overlap else "")
@@ -544,14 +402,14 @@ def run_batch(
             else:
                 log.error("rank %d: %s failed: %s", w.rank, rec["image"], rec["error"])
 
-    psfs = _PsfCache()
+    psfs = job.PsfCache()
     reader = _Reader(jobs, mine, opts, psfs) if overlap else None
     writer = _Writer(record) if overlap else None
     source = reader if overlap else ((u, _safe_load(jobs[u.index], opts, psfs)) for u in mine)
     try:
         for u, ld in source:
-            job = jobs[u.index]
-            rec = dict(index=u.index, image=job.image, output=job.output, status="failed", error=None,
+            frame = jobs[u.index]
+            rec = dict(index=u.index, image=frame.image, output=frame.output, status="failed", error=None,
                        rank=w.rank, read_s=0.0, compute_s=0.0, write_s=0.0)
             t0 = time.perf_counter()
             ok, err, arrays, first, n = True, None, None, 0, 0
@@ -559,10 +417,10 @@ def run_batch(
                 ok, err = False, f"reading: {_error_text(ld)}"
             else:
                 rec["read_s"] = ld.read_s
-                first, n = split_fibers(ld.specmin, ld.nspec, opts.bundlesize, u.part, u.nparts)
+                first, n = split_fibers(ld.specmin, ld.nspec, opts.extraction.bundlesize, u.part, u.nparts)
                 if n > 0:
                     try:
-                        arrays = _compute(ld, opts, first, n, solve, chunk_size)
+                        arrays = job.compute(ld, first, n, solve_chunk=solve, chunk_size=chunk_size)
                     except BaseException as e:  # noqa: BLE001 - reported per frame
                         if isinstance(e, KeyboardInterrupt):
                             raise
@@ -607,9 +465,9 @@ def run_batch(
     return summary
 
 
-def _safe_load(job, opts, psfs):
+def _safe_load(frame, opts, psfs):
     try:
-        return _load(job, opts, psfs)
+        return _load(frame, opts, psfs)
     except BaseException as err:  # noqa: BLE001 - reported per frame
         if isinstance(err, KeyboardInterrupt):
             raise

@@ -293,12 +293,18 @@ def gather_arrays(arrays: dict[str, np.ndarray], comm, root: int = 0) -> dict[st
 
 
 def split_fibers(specmin: int, nspec: int, bundlesize: int, part: int, nparts: int) -> tuple[int, int]:
-    """(first fiber, fiber count) of part ``part`` of ``nparts``: whole bundles, as even as possible."""
-    nb = nspec // bundlesize
+    """(first fiber, fiber count) of part ``part`` of ``nparts``: whole bundles, as even as possible.
+
+    The bundles are ``bundlesize`` fibers from ``specmin``; a last, partial bundle
+    (``nspec`` not a multiple of ``bundlesize``) stays whole too.
+    """
+    nb = -(-nspec // bundlesize)
     mine = np.array_split(np.arange(nb), nparts)[part]
     if len(mine) == 0:
         return specmin, 0
-    return specmin + int(mine[0]) * bundlesize, len(mine) * bundlesize
+    first = int(mine[0]) * bundlesize
+    last = min((int(mine[-1]) + 1) * bundlesize, nspec)
+    return specmin + first, last - first
 
 
 def gather_parts(comm, ok: bool, err: str | None, arrays: dict[str, np.ndarray] | None, first: int, n: int):

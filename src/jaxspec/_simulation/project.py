@@ -29,8 +29,8 @@ def _project(psf: PSF, wave, phot, specmin, box):
     xmin, ymin, stamps = psf.spots(ispec[:, None], wave[None, :])
     ny, nx = stamps.shape[-2:]
     vals = stamps * phot[..., None, None]
-    rows = ymin[..., None] + jnp.arange(ny) - y0  # (nspec, nwave, ny)
-    cols = xmin[..., None] + jnp.arange(nx) - x0  # (nspec, nwave, nx)
+    rows = ymin[..., None] + (jnp.arange(ny, dtype=ymin.dtype) - y0)[None, None, :]  # (nspec, nwave, ny)
+    cols = xmin[..., None] + (jnp.arange(nx, dtype=xmin.dtype) - x0)[None, None, :]  # (nspec, nwave, nx)
     h, w = y1 - y0, x1 - x0
     # out-of-box pixels get an index past the end and are dropped
     rows = jnp.where((rows >= 0) & (rows < h), rows, h)
@@ -96,7 +96,8 @@ def simulate(
     wave_np = np.asarray(wave, dtype=float)
     if dw is None:
         dw = np.gradient(wave_np) if wave_np.size > 1 else np.ones_like(wave_np)
-    phot = jnp.asarray(flux) * jnp.asarray(dw)
+    flux = jnp.asarray(flux)
+    phot = flux * jnp.broadcast_to(jnp.asarray(dw, dtype=flux.dtype), flux.shape[-1:])[None, :]
     model = np.asarray(project(psf, wave, phot, specmin=specmin, xyrange=xyrange))
     rng = np.random.default_rng(seed)
     pos = np.clip(model, 0.0, None)

@@ -1,0 +1,207 @@
+"""What every subcommand shares: the usage error, set-up, the one progress bar, option parsers.
+
+Nothing here imports JAX at module level: ``jaxspec --help`` and an argument error
+print before JAX starts (:func:`setup` starts it, once the work is about to begin).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+from .._extraction.options import DECORRELATE_MODES, ExtractOptions, OptionError, wave_grid_size
+
+log = logging.getLogger("jaxspec")
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs, reported without a traceback (exit 2)."""
+
+
+# ---------------------------------------------------------------- set-up
+def cpu_pool_env() -> None:
+    """Size XLA's CPU thread pool before JAX starts (the CLI's job, never the library's).
+
+    jaxlib 0.10's batched CPU LAPACK kernels (Cholesky, triangular solves, eigh) wait on
+    that pool; with one thread per core, two of them running at once can deadlock on a
+    2-core machine.  Twice the cores (``PJRT_NPROC``, unless set) leaves them room.
+    """
+    os.environ.setdefault("PJRT_NPROC", str(2 * (os.cpu_count() or 1)))
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    """jaxspec's messages from ``--loglevel`` up; other libraries' from WARNING (all at DEBUG)."""
+    level = getattr(logging, str(getattr(args, "loglevel", "INFO")).upper(), logging.INFO)
+    logging.basicConfig(level=logging.DEBUG if level <= logging.DEBUG else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    log.setLevel(level)
+
+
+def setup_jax(args: argparse.Namespace) -> None:
+    """Device, float64 and the persistent compilation cache: the CLI (never the library) sets JAX's config.
+
+    Called once the inputs have been checked, right before the work starts.
+    """
+    from .._config import config
+
+    device = getattr(args, "device", None)
+    pre = getattr(args, "before_jax", None)
+    if pre is not None:  # e.g. extract-batch binds each MPI rank to its GPUs before JAX starts
+        pre(args)
+    import jax
+
+    if device == "cpu":
+        jax.config.update("jax_platforms", "cpu")
+        # where JAX already started (in-process use), make the CPU the default device too
+        jax.config.update("jax_default_device", jax.devices("cpu")[0])
+    jax.config.update("jax_enable_x64", True)
+    # XLA:CPU's asynchronous dispatch can deadlock when eager ops queue behind a running
+    # program (jax-ml/jax#25861); the CPU gains nothing from it here.
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    cache = getattr(args, "compilation_cache", None)
+    cache = config().compilation_cache if cache is None else (None if cache.lower() == "off" else cache)
+    if cache is not None:
+        try:
+            os.makedirs(cache, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"--compilation-cache {cache}: cannot create the folder ({err.strerror}); "
+                             "give another folder or 'off'") from None
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if device == "gpu":
+        try:
+            gpus = jax.devices("gpu")
+        except Exception as err:  # RuntimeError, or an assertion inside JAX without any GPU plugin
+            raise UsageError(
+                f"--device gpu: no GPU is available to JAX ({type(err).__name__}: {err}); "
+                "install jax[cuda12] or use --device cpu"
+            ) from None
+        jax.config.update("jax_default_device", gpus[0])
+
+
+class LogWarnings(warnings.catch_warnings):
+    """Inside: warnings (e.g. NaN pixels masked on read, every time) go to the jaxspec log."""
+
+    def __enter__(self):
+        out = super().__enter__()
+        from .._io.frames import FrameIOWarning
+
+        warnings.simplefilter("always", FrameIOWarning)
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, FrameIOWarning):
+                log.warning("%s", message)
+            else:
+                log.warning("%s: %s", category.__name__, message)
+
+        warnings.showwarning = show
+        return out
+
+
+class Progress:
+    """The one progress bar: tqdm on a terminal (and not --quiet), silent otherwise.
+
+    Called as ``progress(done, total)``, the callback of :func:`jaxspec.extract` and
+    of the batch runner.
+    """
+
+    def __init__(self, desc: str, quiet: bool, unit: str = "patch"):
+        self.bar = None
+        self.desc = desc
+        self.unit = unit
+        self.enabled = not quiet and sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, leave=True, file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------- parsers
+def add_common(p: argparse.ArgumentParser) -> None:
+    """Options every subcommand has."""
+    p.add_argument("--loglevel", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="logging level (default INFO)")
+    p.add_argument("--device", choices=["cpu", "gpu"], default=None,
+                   help="run on the CPU or the GPU (default: JAX's default device)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--compilation-cache", default=None, metavar="DIR",
+                   help="JAX's persistent compilation cache folder, or 'off' (default: $JAXSPEC_COMPILATION_CACHE, "
+                        "else ~/.cache/jaxspec/jax)")
+
+
+def parse_wavelength(text: str | None, option: str = "--wavelength") -> tuple[float, float, float] | None:
+    """'wmin,wmax,dw' -> (wmin, wmax, dw), checked (finite, increasing, a sane number of bins), or None."""
+    if text is None:
+        return None
+    try:
+        parts = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: expected three numbers wmin,wmax,dw (e.g. 5760,7620,0.8)") from None
+    if len(parts) != 3:
+        raise UsageError(f"{option} {text!r}: expected three numbers wmin,wmax,dw (e.g. 5760,7620,0.8)")
+    try:
+        wave_grid_size(*parts)
+    except OptionError as err:
+        raise UsageError(f"{option} {text!r}: {err.message}") from None
+    return tuple(parts)
+
+
+def add_extraction_options(p: argparse.ArgumentParser) -> None:
+    """The extraction options (fibers, grid, patches), shared by ``extract`` and ``extract-batch``.
+
+    Names and defaults as DESI's ``desi_extract_spectra``; the defaults are
+    :class:`~jaxspec._extraction.options.ExtractOptions`'.
+    """
+    d = ExtractOptions()
+    p.add_argument("-w", "--wavelength", default=None,
+                   help="wmin,wmax,dw in Angstrom, end point included (default: the PSF's range at 0.8 A)")
+    p.add_argument("-s", "--specmin", type=int, default=0, help="first fiber (default 0)")
+    p.add_argument("-n", "--nspec", type=int, default=None, help="number of fibers (default: all of the PSF's)")
+    p.add_argument("--bundlesize", type=int, default=d.bundlesize, help=f"fibers per bundle (default {d.bundlesize})")
+    p.add_argument("--nsubbundles", type=int, default=d.nsubbundles,
+                   help=f"subbundles per bundle (default {d.nsubbundles})")
+    p.add_argument("--nwavestep", type=int, default=d.nwavestep,
+                   help=f"core wavelength bins per patch (default {d.nwavestep})")
+    p.add_argument("--wavepad-frac", type=float, default=d.wavepad_frac,
+                   help=f"extra wavelength padding, fraction of the spot (default {d.wavepad_frac})")
+    p.add_argument("--pixpad-frac", type=float, default=d.pixpad_frac,
+                   help=f"extra pixel rows, fraction of the spot (default {d.pixpad_frac})")
+    p.add_argument("-r", "--regularize", type=float, default=d.regularize, help="regularisation (default 0)")
+    p.add_argument("--psferr", type=float, default=None, help="fractional PSF error for chi2pix (default: the PSF's)")
+    p.add_argument("--decorrelate", choices=list(DECORRELATE_MODES), default=d.decorrelate,
+                   help="decorrelation: per fiber (signal, default) or whole patch (full)")
+    p.add_argument("--chunk-size", type=int, default=None, help="patches per compiled call (default by device)")
+    p.add_argument("--allow-camera-mismatch", action="store_true",
+                   help="extract even when the preproc's CAMERA differs from the PSF's (default: refuse)")
+
+
+def frame_options(args: argparse.Namespace):
+    """The :class:`~jaxspec._pipeline.job.FrameOptions` of the command line, checked (UsageError names the flag)."""
+    from .._pipeline.job import FrameOptions
+
+    try:
+        extraction = ExtractOptions(
+            bundlesize=args.bundlesize, nsubbundles=args.nsubbundles, nwavestep=args.nwavestep,
+            wavepad_frac=args.wavepad_frac, pixpad_frac=args.pixpad_frac, regularize=args.regularize,
+            psferr=args.psferr, decorrelate=args.decorrelate, chunk_size=args.chunk_size,
+        )
+        if args.nspec is not None and args.nspec < 1:
+            raise OptionError("nspec", args.nspec, "must be a positive number of fibers")
+        return FrameOptions(wavelength=parse_wavelength(args.wavelength), specmin=args.specmin, nspec=args.nspec,
+                            extraction=extraction, allow_camera_mismatch=args.allow_camera_mismatch)
+    except OptionError as err:
+        raise UsageError(err.flag()) from None

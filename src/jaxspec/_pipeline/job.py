@@ -1,0 +1,333 @@
+"""The ONE frame job: read -> check -> extract -> write, used by ``extract`` and ``extract-batch``.
+
+A :class:`FrameJob` names the files (preproc image, PSF, output frame, optional model
+image); :class:`FrameOptions` the fibers, the wavelength grid and the
+:class:`~jaxspec._extraction.options.ExtractOptions`.  The job runs in four steps,
+each a function here, so that the batch runner can overlap them (read the next frame
+and write the last one while the device works on this one) without a second copy:
+
+1. :func:`check_paths` - inputs exist, outputs are writable and distinct from the
+   inputs (nothing read yet);
+2. :func:`prepare` - the PSF (from a :class:`PsfCache`), the options against it, the
+   grid, the preproc image and every check of the image against the PSF;
+3. :func:`compute` - the extraction (all fibers, or one rank's bundles), host arrays;
+4. :func:`write` - the frame (and model) through the one atomic writer.
+
+:func:`run_frame` runs all four in turn.  Errors are :class:`ValueError` /
+:class:`OSError` whose messages name the file and the option (``labels`` gives the
+names: the command line's flags by default).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from .._extraction.options import ExtractOptions, OptionError, check_fibers, wave_grid_size
+from .._io import frames
+
+log = logging.getLogger("jaxspec")
+
+__all__ = ["FrameJob", "FrameOptions", "Prepared", "PsfCache", "check_paths", "compute", "prepare", "run_frame",
+           "wave_grid", "write"]
+
+#: How the job's files are named in messages: the command line's flags.
+CLI_LABELS = {"image": "--input", "psf": "--psf", "output": "--output", "model": "--model"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameJob:
+    """One frame to extract: preproc ``image``, ``psf`` file, ``output`` frame file, optional ``model`` image."""
+
+    image: str
+    psf: str
+    output: str
+    model: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameOptions:
+    """What a frame job extracts, besides the files.
+
+    Attributes:
+        wavelength: ``(wmin, wmax, dw)`` [A], end point included, or None for the
+            PSF's common range at 0.8 A.
+        specmin: first fiber.
+        nspec: number of fibers, or None for the PSF's last.
+        extraction: the patch and solve options.
+        allow_camera_mismatch: extract even when the preproc's CAMERA is not the
+            PSF's (the default refuses: the wrong PSF gives wrong spectra).
+    """
+
+    wavelength: tuple[float, float, float] | None = None
+    specmin: int = 0
+    nspec: int | None = None
+    extraction: ExtractOptions = ExtractOptions()
+    allow_camera_mismatch: bool = False
+
+    def __post_init__(self):
+        if self.wavelength is not None:
+            wmin, wmax, dw = (float(v) for v in self.wavelength)
+            wave_grid_size(wmin, wmax, dw)
+            object.__setattr__(self, "wavelength", (wmin, wmax, dw))
+        if not isinstance(self.extraction, ExtractOptions):
+            raise TypeError(f"extraction must be an ExtractOptions, not {type(self.extraction).__name__}")
+        if isinstance(self.specmin, bool) or not isinstance(self.specmin, (int, np.integer)) or self.specmin < 0:
+            raise OptionError("specmin", self.specmin, "must be a fiber number >= 0")
+
+
+def wave_grid(psf, spec: tuple[float, float, float] | None) -> np.ndarray:
+    """The extraction grid [A]: ``spec = (wmin, wmax, dw)`` or the PSF's common range at 0.8 A."""
+    if spec is None:
+        wmin, wmax, dw = float(np.ceil(psf.wmin_all)), float(np.floor(psf.wmax_all)), 0.8
+    else:
+        wmin, wmax, dw = spec
+    n = wave_grid_size(wmin, wmax, dw)
+    return wmin + dw * np.arange(n)
+
+
+class PsfCache:
+    """The last few PSFs read, keyed by absolute path and modification time (explicit, per run)."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self._d: collections.OrderedDict = collections.OrderedDict()
+
+    def get(self, path: str):
+        """The PSF model of ``path`` (read once while the file is unchanged)."""
+        from ..psf import read_psf
+
+        key = (os.path.abspath(path), os.stat(path).st_mtime_ns)
+        if key in self._d:
+            self._d.move_to_end(key)
+            return self._d[key]
+        psf = read_psf(path)
+        self._d[key] = psf
+        while len(self._d) > self.size:
+            self._d.popitem(last=False)
+        return psf
+
+
+def _same_file(a, b) -> bool:
+    a, b = os.path.abspath(os.fspath(a)), os.path.abspath(os.fspath(b))
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_paths(job: FrameJob, overwrite: bool = False, labels: Mapping[str, str] = CLI_LABELS) -> None:
+    """Step 1: inputs exist, outputs writable and not an input (nothing read).
+
+    Raises:
+        FileNotFoundError, FileExistsError, PermissionError, ValueError: with the
+        file and its label in the message.
+    """
+    for what in ("psf", "image"):
+        path = getattr(job, what)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{labels[what]} {path}: no such file")
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{labels[what]} {path}: is a directory, not a FITS file")
+    for what in ("output", "model"):
+        path = getattr(job, what)
+        if path is None:
+            continue
+        for other in ("image", "psf"):
+            if _same_file(path, getattr(job, other)):
+                raise ValueError(f"{labels[what]} {path} is the {labels[other]} file; choose another output name")
+    if job.model is not None and _same_file(job.model, job.output):
+        raise ValueError(f"{labels['model']} {job.model} is the {labels['output']} file; "
+                         "choose another name for the model image")
+    frames.check_output_path(job.output, overwrite)
+    if job.model is not None:
+        frames.check_output_path(job.model, overwrite)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A frame read and checked, ready for the device (step 2's result).
+
+    Attributes:
+        job, options: what was asked.
+        psf: the PSF model.
+        wave: (nwave,) grid [A].
+        specmin, nspec: the fibers.
+        image, ivar: (ny, nx) pixels and inverse variance (host or device arrays).
+        xyrange: where the image sits on the CCD, ``(0, nx, 0, ny)``.
+        header: the preproc header (carried into the frame).
+        fibermap: the FIBERMAP rows of the fibers, or None.
+        read_s: seconds spent reading and checking.
+    """
+
+    job: FrameJob
+    options: FrameOptions
+    psf: object
+    wave: np.ndarray
+    specmin: int
+    nspec: int
+    image: object
+    ivar: object
+    xyrange: tuple[int, int, int, int]
+    header: object
+    fibermap: object
+    read_s: float
+
+
+def _pick_fibermap(fibermap, specmin: int, nspec: int, path: str):
+    """The FIBERMAP rows of fibers specmin..specmin+nspec-1 (desispec slices rows), or None."""
+    if fibermap is None:
+        return None
+    n = len(fibermap)
+    if n == nspec:
+        return fibermap
+    if n >= specmin + nspec:
+        return fibermap[specmin:specmin + nspec]
+    log.warning("FIBERMAP of %s has %d rows, too few for fibers %d..%d: the frame is written without FIBERMAP",
+                path, n, specmin, specmin + nspec - 1)
+    return None
+
+
+def prepare(job: FrameJob, options: FrameOptions, psfs: PsfCache | None = None, *,
+            labels: Mapping[str, str] = CLI_LABELS, device_put: bool = False) -> Prepared:
+    """Step 2: read the PSF and the preproc image, and check everything against each other.
+
+    Args:
+        job, options: the frame and what to extract.
+        psfs: a cache of PSFs (a night's frames share few PSF files); None reads afresh.
+        labels: how files are named in messages.
+        device_put: place image and ivar on the default device (the batch reader
+            does, so the copy overlaps the previous frame's compute).
+
+    Raises:
+        OptionError: an option that does not fit the PSF (``.flag()`` says it as a flag).
+        ValueError, OSError: unreadable or inconsistent files (named in the message).
+    """
+    t0 = time.perf_counter()
+    psf = (psfs or PsfCache(1)).get(job.psf)
+    specmin, nspec = check_fibers(options.specmin, options.nspec, psf.nspec, options.extraction.bundlesize)
+    if specmin % options.extraction.bundlesize:
+        log.warning("--specmin %d does not start a bundle of %d fibers", specmin, options.extraction.bundlesize)
+    wave = wave_grid(psf, options.wavelength)
+    try:
+        psf.check_wavelengths(wave)
+    except ValueError as err:
+        raise OptionError("wavelength", f"{wave[0]:g},{wave[-1]:g},{wave[1] - wave[0]:g}",
+                          f"{err}; choose wmin,wmax inside {psf.wmin:.1f},{psf.wmax:.1f} of {labels['psf']} "
+                          f"{job.psf} (or leave --wavelength out for the PSF's common range)") from None
+    pre = frames.read_preproc(job.image)
+    ccd = (psf.npix_y, psf.npix_x)
+    if pre.image.shape[0] > ccd[0] or pre.image.shape[1] > ccd[1]:
+        raise ValueError(
+            f"{labels['image']} {job.image}: IMAGE is {pre.image.shape[0]} x {pre.image.shape[1]} pixels, larger "
+            f"than the {ccd[0]} x {ccd[1]} CCD of {labels['psf']} {job.psf}; is this the PSF of this camera?")
+    if pre.image.shape != ccd:
+        log.warning("IMAGE of %s is %d x %d pixels, the PSF's CCD %d x %d: treating it as the lower-left "
+                    "sub-image (pixels beyond it count as masked)", job.image, *pre.image.shape, *ccd)
+    cam_in = frames.header_camera(pre.header)
+    cam_psf = frames.psf_camera(job.psf)
+    if cam_in and cam_psf and cam_in != cam_psf:
+        text = (f"{labels['image']} {job.image} is camera {cam_in} but {labels['psf']} {job.psf} is camera "
+                f"{cam_psf}")
+        if not options.allow_camera_mismatch:
+            raise ValueError(f"{text}: use the PSF of camera {cam_in} (or --allow-camera-mismatch if a header is "
+                             "wrong)")
+        log.warning("%s", text)
+    if not np.any(pre.ivar > 0):
+        log.warning("%s: every pixel is masked (IVAR 0); the frame will have ivar 0 everywhere", job.image)
+    fibermap = _pick_fibermap(pre.fibermap, specmin, nspec, job.image)
+    image, ivar = pre.image, pre.ivar
+    if device_put:
+        import jax
+
+        image, ivar = jax.device_put(image), jax.device_put(ivar)
+    return Prepared(job, options, psf, np.asarray(wave), specmin, nspec, image, ivar,
+                    (0, pre.image.shape[1], 0, pre.image.shape[0]), pre.header, fibermap,
+                    time.perf_counter() - t0)
+
+
+def compute(prep: Prepared, first: int | None = None, n: int | None = None, *, solve_chunk: Callable | None = None,
+            chunk_size: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Step 3: extract fibers ``first .. first + n - 1`` (default: all of the job's).
+
+    Returns:
+        Host arrays ``wave, flux, ivar, resolution, chi2pix, pixmask_fraction`` and,
+        when the job has a model path, ``model``.
+    """
+    import jax
+
+    from .._extraction.extract import extract
+
+    first = prep.specmin if first is None else first
+    n = prep.nspec if n is None else n
+    opts = prep.options.extraction
+    if chunk_size is not None:
+        opts = opts.replace(chunk_size=chunk_size)
+    want_model = prep.job.model is not None
+    ex = extract(prep.image, prep.ivar, prep.psf, prep.wave, specmin=first, nspec=n, xyrange=prep.xyrange,
+                 options=opts, model=want_model, progress=progress, solve_chunk=solve_chunk)
+    names = ["flux", "ivar", "resolution", "chi2pix", "pixmask_fraction"] + (["model"] if want_model else [])
+    out = jax.device_get({k: getattr(ex, k) for k in names})
+    out = {k: np.asarray(v) for k, v in out.items()}
+    out["wave"] = np.asarray(ex.wave)
+    return out
+
+
+def _ranges(values) -> str:
+    """[3, 4, 5, 9] -> '3-5, 9'."""
+    out, vals, i = [], [int(v) for v in values], 0
+    while i < len(vals):
+        j = i
+        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
+            j += 1
+        out.append(str(vals[i]) if i == j else f"{vals[i]}-{vals[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+def write(prep: Prepared, arrays: dict, overwrite: bool = False) -> str:
+    """Step 4: the frame file (and the model image), through the one atomic writer.
+
+    Returns:
+        The absolute path of the frame written.
+    """
+    dead = np.flatnonzero(~np.any(arrays["ivar"] > 0, axis=1))
+    if dead.size:
+        log.warning("%d of %d fibers have no unmasked pixels (ivar 0, MASK set in the frame): %s",
+                    dead.size, prep.nspec, _ranges(prep.specmin + dead))
+    path = frames.write_frame(
+        prep.job.output, wave=arrays["wave"], flux=arrays["flux"], ivar=arrays["ivar"],
+        resolution=arrays["resolution"], chi2pix=arrays["chi2pix"], fibermap=prep.fibermap, header=prep.header,
+        specmin=prep.specmin, input_path=prep.job.image, psf_path=prep.job.psf,
+        options=prep.options.extraction.header_cards(prep.psf.psferr), overwrite=overwrite,
+    )
+    if prep.job.model is not None:
+        frames.write_model(prep.job.model, arrays["model"], header=prep.header, overwrite=overwrite)
+    return path
+
+
+def run_frame(job: FrameJob, options: FrameOptions = FrameOptions(), *, overwrite: bool = False,
+              psfs: PsfCache | None = None, progress: Callable[[int, int], None] | None = None,
+              solve_chunk: Callable | None = None, labels: Mapping[str, str] = CLI_LABELS) -> dict:
+    """The whole job for one frame: check, read, extract, write.
+
+    Returns:
+        ``{"output", "nspec", "nwave", "seconds"}``.
+    """
+    t0 = time.perf_counter()
+    check_paths(job, overwrite, labels)
+    prep = prepare(job, options, psfs, labels=labels)
+    wave = prep.wave
+    log.info("extracting fibers %d-%d, %d wavelengths %.1f-%.1f A from %s",
+             prep.specmin, prep.specmin + prep.nspec - 1, len(wave), wave[0], wave[-1], job.image)
+    arrays = compute(prep, progress=progress, solve_chunk=solve_chunk)
+    path = write(prep, arrays, overwrite)
+    return dict(output=path, nspec=prep.nspec, nwave=len(wave), seconds=time.perf_counter() - t0)
