@@ -33,16 +33,16 @@ import jax
 
 jax.config.update("jax_enable_x64", True)  # a script may set JAX's config; the library never does
 
-from jaxspec._pipeline import batch as _batch  # noqa: E402
-from jaxspec._pipeline import devices as _distribute  # noqa: E402
+import jaxspec  # noqa: E402
 
 
-def jobs_for(preproc_dir: str, psf_dir: str, out_dir: str, pattern: str) -> list[_batch.FrameJob]:
+
+def jobs_for(preproc_dir: str, psf_dir: str, out_dir: str, pattern: str) -> list[jaxspec.FrameJob]:
     jobs = []
     for image in sorted(glob.glob(os.path.join(preproc_dir, pattern))):
         tag = os.path.basename(image).removeprefix("preproc-").removesuffix(".fits")  # 'r0-00012345'
         camera = tag.split("-")[0]
-        jobs.append(_batch.FrameJob(image, os.path.join(psf_dir, f"psf-{camera}.fits"),
+        jobs.append(jaxspec.FrameJob(image, os.path.join(psf_dir, f"psf-{camera}.fits"),
                                     os.path.join(out_dir, f"frame-{tag}.fits")))
     return jobs
 
@@ -56,8 +56,8 @@ def main() -> int:
     ap.add_argument("--wavelength", default=None, help="wmin,wmax,dw (default: each PSF's range at 0.8 A)")
     args = ap.parse_args()
 
-    world = _distribute.world("auto")  # MPI ranks when started by mpirun/srun
-    _distribute.bind_gpus(world)  # before JAX starts: this rank's GPUs
+    world = jaxspec.world("auto")  # MPI ranks when started by mpirun/srun
+    jaxspec.bind_gpus(world)  # before JAX starts: this rank's GPUs
     jobs = jobs_for(args.preproc_dir, args.psf_dir, args.out_dir, args.pattern) if world.root else None
     if world.root and not jobs:
         print(f"no {args.pattern} in {args.preproc_dir}", file=sys.stderr)

@@ -9,7 +9,7 @@ The public API:
 * Extraction: :func:`extract` -> :class:`Extraction`; :func:`patch_geometry` and
   :func:`extract_patches` (a fixed geometry, e.g. to differentiate through the PSF).
 * Calibration: :func:`simulate_arc`, :func:`simulate_flat`, :func:`arc_lines`,
-  :func:`fit_psf`, :func:`fit_psf_ccd`, :func:`flux_jacobian`,
+  :func:`fit_psf`, :func:`fit_psf_ccd`, :func:`fit_bundle` (the full model), :func:`flux_jacobian`,
   :func:`propagate_psf_uncertainty`.
 * Many frames and devices: :func:`run_batch` of :class:`FrameJob` s,
   :func:`extract_sharded` (local devices), :func:`extract_distributed` (MPI ranks).
@@ -32,7 +32,9 @@ _HOMES = {
     "apply_psf_params": "._fit",
     "apply_resolution": ".solve",
     "arc_lines": "._simulation.calib",
+    "BundleFit": "._fit",
     "calib_patch": "._fit",
+    "CCDFit": "._fit",
     "CalibImage": "._simulation.calib",
     "CalibPatch": "._fit",
     "DEFAULT_GH_TERMS": "._fit",
@@ -43,8 +45,10 @@ _HOMES = {
     "extract_sharded": "._pipeline.devices",
     "Extraction": "._extraction.extract",
     "ExtractOptions": "._extraction.options",
+    "fit_bundle": "._fit",
     "fit_psf": "._fit",
     "fit_psf_ccd": "._fit",
+    "fit_psf_full": "._fit",
     "FitResult": "._fit",
     "flat_spectrum": "._simulation.calib",
     "flux_jacobian": "._fit",
@@ -79,6 +83,8 @@ _HOMES = {
     "write_lines": "._simulation.calib",
     "write_preproc": "._io.frames",
     "write_psf": ".psf",
+    "world": "._pipeline.devices",
+    "bind_gpus": "._pipeline.devices",
 }
 
 __all__ = [
@@ -86,9 +92,11 @@ __all__ = [
     "apply_psf_params",
     "apply_resolution",
     "arc_lines",
+    "BundleFit",
     "calib_patch",
     "CalibImage",
     "CalibPatch",
+    "CCDFit",
     "DEFAULT_GH_TERMS",
     "desi_like_psf",
     "extract",
@@ -97,8 +105,10 @@ __all__ = [
     "extract_sharded",
     "Extraction",
     "ExtractOptions",
+    "fit_bundle",
     "fit_psf",
     "fit_psf_ccd",
+    "fit_psf_full",
     "FitResult",
     "flat_spectrum",
     "flux_jacobian",
@@ -133,6 +143,8 @@ __all__ = [
     "write_lines",
     "write_preproc",
     "write_psf",
+    "world",
+    "bind_gpus",
 ]
 
 
@@ -167,12 +179,16 @@ if TYPE_CHECKING:  # the same names for type checkers and documentation tools
     from ._extraction.extract import Extraction, extract, extract_patches
     from ._fit import (
         DEFAULT_GH_TERMS,
+        BundleFit,
         CalibPatch,
+        CCDFit,
         FitResult,
         apply_psf_params,
         calib_patch,
+        fit_bundle,
         fit_psf,
         fit_psf_ccd,
+        fit_psf_full,
         flux_jacobian,
         propagate_psf_uncertainty,
     )
@@ -184,4 +200,5 @@ if TYPE_CHECKING:  # the same names for type checkers and documentation tools
     from .solve import apply_resolution
     from ._extraction.options import ExtractOptions, OptionError
     from ._pipeline.job import FrameOptions, run_frame
+    from ._pipeline.devices import bind_gpus, world
     from ._plots import plot_extraction, plot_frame

@@ -39,7 +39,8 @@ class Config:
 def _cpu_block_spots(environ) -> int:
     text = environ.get("JAXSPEC_CPU_BLOCK_SPOTS")
     if text is None or text.strip() == "":
-        return 4096 if (os.cpu_count() or 1) <= 4 else 0
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return 4096 if cores <= 4 else 0
     try:
         value = int(text)
     except ValueError:
