@@ -169,3 +169,24 @@ def test_only_our_own_temp_names_are_cleaned(tmp_path):
         f.write_bytes(b"")
     assert clean_stale_temps([dest]) == 1
     assert not ours.exists() and all(f.exists() for f in other)
+
+
+def test_a_full_disk_is_a_clean_error(tmp_path):
+    """A frame larger than the file-size limit (as a full disk): OSError naming the file, nothing left."""
+    code = textwrap.dedent("""
+        import resource, signal, sys
+        import numpy as np
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+        from jaxspec._io.frames import write_frame
+        z = np.zeros((20, 500))
+        try:
+            write_frame(sys.argv[1], wave=np.arange(500.0), flux=z, ivar=z + 1, resolution=np.zeros((20, 11, 500)))
+        except OSError as err:
+            print("OSError:", err)
+    """)
+    dest = tmp_path / "frame.fits"
+    res = subprocess.run([sys.executable, "-c", code, str(dest)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"cannot write {dest}: File too large" in res.stdout, res.stdout
+    assert not dest.exists() and _temps(tmp_path) == []

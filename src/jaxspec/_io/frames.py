@@ -32,6 +32,7 @@ Safety rules shared by every writer
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import os
 import platform
 import re
@@ -44,6 +45,7 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.units import UnitsWarning
 
+from . import maskbits
 from .atomic import atomic_write, check_output_path
 
 __all__ = [
@@ -57,6 +59,9 @@ __all__ = [
     "write_model",
     "check_output_path",
     "embed_subimage",
+    "frame_scores",
+    "psf_input",
+    "read_fibermap",
     "header_camera",
     "psf_camera",
     "OPTION_KEYS",
@@ -132,8 +137,10 @@ class Preproc:
         image: (ny, nx) float64 pixel values; 0 where masked for NaN/inf.
         ivar: (ny, nx) float64 inverse variance; 0 wherever MASK != 0 or the
             pixel was non-finite or had negative ivar.
-        mask: (ny, nx) int32 CCD mask (0 = good) or None when the file has no
-            MASK HDU.
+        mask: (ny, nx) integer CCD mask (0 = good), of the file's width (an int64
+            MASK stays int64), or None when the file has no MASK HDU.  Every pixel
+            with one of desispec's extraction bits set (or any bit, with
+            ``mask_rule='any'``) has ivar 0.
         header: the IMAGE HDU header merged over the primary header (IMAGE wins),
             without structural keys (NAXIS, BITPIX, EXTNAME, ...).
         fibermap: the FIBERMAP table or None.
@@ -203,8 +210,14 @@ class Frame:
 
 def _atomic_writeto(hdul: fits.HDUList, path: str | os.PathLike, overwrite: bool) -> str:
     """Write ``hdul`` through :func:`~jaxspec._io.atomic.atomic_write` (checksums, verified)."""
-    return atomic_write(path, lambda fh: hdul.writeto(fh, checksum=True, output_verify="exception"),
-                        overwrite=overwrite)
+    def write(fh):
+        # serialise in memory first: a full disk then fails in our own write, with a
+        # clean OSError naming the file (astropy's own handler raises AttributeError)
+        buf = io.BytesIO()
+        hdul.writeto(buf, checksum=True, output_verify="exception")
+        fh.write(buf.getbuffer())
+
+    return atomic_write(path, write, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------
@@ -244,12 +257,24 @@ def _carry_header(*headers: Mapping | fits.Header | None) -> fits.Header:
     return out
 
 
+def _ascii_text(text: str) -> str:
+    """``text`` with every character outside printable ASCII as a Python escape (``\\xe9``)."""
+    if all(" " <= c <= "~" for c in text):
+        return text
+    return "".join(c if " " <= c <= "~" else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 def _set_key(hdr: fits.Header, key: str, value, comment: str) -> None:
     """``hdr[key] = (value, comment)``, without the comment where it would not fit on the card.
 
     Long strings (file paths) keep their full value (CONTINUE cards where needed);
     astropy would otherwise warn "Card is too long, comment will be truncated".
+    Characters a FITS header cannot hold (non-ASCII, control characters: a path
+    such as ``données/pre-é.fits``) are written as Python escapes (``donn\\xe9es``).
     """
+    if isinstance(value, str):
+        value = _ascii_text(value)
     card = fits.Card(key, value, comment)
     with warnings.catch_warnings():
         warnings.simplefilter("error", fits.verify.VerifyWarning)
@@ -431,10 +456,43 @@ def _read_data(hdu, name: str, spath: str, ndim: int | None = None) -> np.ndarra
     return data
 
 
-def _read_table(hdu) -> Table:
+def _read_table(hdu, name: str = "FIBERMAP", spath: str | None = None) -> Table:
+    """The table of HDU ``name``; a clear error when it is an image or cannot be read."""
+    where = f"{spath}: " if spath else ""
+    if not isinstance(hdu, (fits.BinTableHDU, fits.TableHDU)):
+        shape = None if hdu.data is None else tuple(np.shape(hdu.data))
+        raise ValueError(f"{where}{name} HDU is an image (shape {shape}), not a table: "
+                         f"{name} must be a binary table with one row per fiber")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnitsWarning)
-        return Table.read(hdu)
+        try:
+            return Table.read(hdu)
+        except Exception as err:
+            raise ValueError(f"{where}{name} HDU table cannot be read ({err})") from err
+
+
+def _parsed_header(hdu, name: str, spath: str) -> fits.Header:
+    """A copy of ``hdu.header`` without the cards astropy cannot parse.
+
+    An unparsable card of an identifying key (CAMERA, EXPID, ...: :data:`IDENTIFYING_KEYS`)
+    raises ``ValueError``; any other is dropped with a :class:`FrameIOWarning`.
+    """
+    out = fits.Header()
+    for card in hdu.header.cards:
+        try:
+            card.value  # parses the card
+            out.append(card)
+        except Exception:  # astropy's VerifyError / ValueError
+            raw = getattr(card, "_image", None)  # the card as stored, before any fix
+            text = f" ({raw.strip()!r})" if isinstance(raw, str) else ""
+            if card.keyword.upper() in IDENTIFYING_KEYS:
+                raise ValueError(
+                    f"{spath}: {name} HDU header card {card.keyword}{text} is not a valid FITS "
+                    "value; fix the card (e.g. quote a string value) or delete it"
+                ) from None
+            _warn(f"{spath}: {name} HDU header card {card.keyword}{text} is not a valid FITS "
+                  "value and is ignored")
+    return out
 
 
 def _table_hdu(table, name: str) -> fits.BinTableHDU:
@@ -450,10 +508,12 @@ def _table_hdu(table, name: str) -> fits.BinTableHDU:
 # Preproc
 
 
-def read_preproc(path: str | os.PathLike) -> Preproc:
+def read_preproc(path: str | os.PathLike, mask_rule: str = "desispec") -> Preproc:
     """Read a DESI preproc image.
 
-    Pixels with MASK != 0 get ivar 0.  NaN/inf in IMAGE or IVAR, and negative
+    Pixels with any of desispec's extraction mask bits in MASK get ivar 0
+    (:func:`jaxspec._io.maskbits.input_masked`; ``mask_rule='any'``: any nonzero
+    MASK value).  NaN/inf in IMAGE or IVAR, and negative
     IVAR, are masked (ivar 0; image 0 where non-finite; CCD mask bit BAD set
     when there is a MASK) with a :class:`FrameIOWarning` giving the count.
 
@@ -484,16 +544,18 @@ def read_preproc(path: str | os.PathLike) -> Preproc:
                                  f"match IMAGE HDU shape {image.shape}")
             if not np.issubdtype(mask.dtype, np.integer):
                 raise ValueError(f"{spath}: MASK HDU has non-integer dtype {mask.dtype}")
-            mask = mask.astype(np.int32)
+            # the file's full width (an int64 mask keeps bits 32..63), native byte order
+            mask = mask.astype(mask.dtype.newbyteorder("="))
 
         if img_hdu is hdul[0]:
-            header = _carry_header(img_hdu.header)
+            header = _carry_header(_parsed_header(img_hdu, "IMAGE", spath))
         else:
-            header = _carry_header(hdul[0].header, img_hdu.header)
+            header = _carry_header(_parsed_header(hdul[0], "primary", spath),
+                                   _parsed_header(img_hdu, "IMAGE", spath))
 
         fibermap = None
         if "FIBERMAP" in hdul:
-            fibermap = _read_table(hdul["FIBERMAP"])
+            fibermap = _read_table(hdul["FIBERMAP"], "FIBERMAP", spath)
 
         truth = None
         has_w, has_f = "TRUTH_WAVE" in hdul, "TRUTH_FLUX" in hdul
@@ -518,7 +580,7 @@ def read_preproc(path: str | os.PathLike) -> Preproc:
         if bad.any():
             mask = mask.copy()
             mask[bad] |= CCDMASK_BAD
-        ivar[mask != 0] = 0.0
+        ivar[maskbits.input_masked(mask, mask_rule)] = 0.0
     return Preproc(image=image, ivar=ivar, mask=mask, header=header,
                    fibermap=fibermap, truth=truth, path=spath)
 
@@ -607,11 +669,14 @@ def write_frame(path: str | os.PathLike, frame: Frame | None = None, *,
                 psf_path: str | os.PathLike | None = None,
                 options: Mapping[str, Any] | None = None,
                 version: str | None = None, units: str | None = "electron/Angstrom",
+                scores: Mapping[str, tuple[Any, str]] | None = None,
                 overwrite: bool = False) -> str:
     """Write extracted spectra in the DESI frame format.
 
     Give either a :class:`Frame` or the arrays (``wave``, ``flux``, ``ivar``,
-    ``resolution``; optional ``mask``, ``chi2pix``, ``fibermap``).  ``header``
+    ``resolution``; optional ``mask``, ``chi2pix``, ``fibermap``, and ``scores``:
+    name -> ((nspec,) values, comment), written as the SCORES table, see
+    :func:`frame_scores`).  ``header``
     (e.g. the preproc header) is merged over ``frame.header``; all its
     non-structural keys are carried (CAMERA, FLAVOR, NIGHT, EXPID, ...).
 
@@ -737,7 +802,70 @@ def write_frame(path: str | os.PathLike, frame: Frame | None = None, *,
         hdus.append(_table_hdu(fmap, "FIBERMAP"))
     if c2 is not None:
         hdus.append(fits.ImageHDU(c2, name="CHI2PIX"))
+    if scores:
+        hdus.append(_scores_hdu(scores, nspec, apath))
     return _atomic_writeto(hdus, apath, overwrite)
+
+
+#: desispec's top-hat ranges [A] of the frame scores, per camera arm (its ``tophat_wave``).
+SCORE_RANGES: dict[str, tuple[float, float]] = {"b": (4000.0, 5800.0), "r": (5800.0, 7600.0),
+                                                 "z": (7600.0, 9800.0)}
+
+
+def frame_scores(wave, flux, ivar, suffix: str = "RAW", band: str | None = None
+                 ) -> dict[str, tuple[np.ndarray, str]]:
+    """The scores desispec's extraction appends to a raw frame (SCORES HDU).
+
+    For the arm's fixed range (:data:`SCORE_RANGES`; the arm from the grid's mean
+    wavelength unless ``band`` is given), per fiber, of a flux in electron/A on
+    bins ``dw = gradient(wave)``: ``SUM_<suffix>_COUNT_<ARM>`` (sum of the flux
+    values), ``MEDIAN_<suffix>_COUNT_<ARM>`` (median of flux / dw) and
+    ``MEDIAN_<suffix>_SNR_<ARM>`` (median of flux sqrt(ivar / dw)), as desispec
+    scores a frame "per bin" (its extraction's call).
+
+    Args:
+        wave: (nwave,) [A].
+        flux, ivar: (nspec, nwave).
+        suffix: the score family (desispec: RAW for extracted frames).
+        band: ``"b"``, ``"r"`` or ``"z"``, or None to choose from the grid.
+
+    Returns:
+        name -> ((nspec,) float64 values, header comment); empty when the grid
+        misses the arm's range.
+    """
+    wave = np.asarray(wave, dtype=np.float64)
+    flux = np.asarray(flux, dtype=np.float64)
+    ivar = np.clip(np.asarray(ivar, dtype=np.float64), 0.0, None)
+    if band is None:
+        mean = float(np.mean(wave))
+        band = "b" if mean <= SCORE_RANGES["b"][1] else ("z" if mean >= SCORE_RANGES["z"][0] else "r")
+    lo, hi = SCORE_RANGES[band]
+    sel = (wave >= lo) & (wave < hi)
+    if not sel.any():
+        return {}
+    dw = np.gradient(wave)[sel][None, :]
+    f, iv = flux[:, sel], ivar[:, sel]
+    arm, rng = band.upper(), f"{lo:.0f}-{hi:.0f} A"
+    return {
+        f"SUM_{suffix}_COUNT_{arm}": (np.sum(f, axis=1), f"sum of flux values, {rng}"),
+        f"MEDIAN_{suffix}_COUNT_{arm}": (np.median(f / dw, axis=1), f"median of flux/dw, {rng}"),
+        f"MEDIAN_{suffix}_SNR_{arm}": (np.median(np.sqrt(iv) * f / np.sqrt(dw), axis=1),
+                                       f"median S/N per sqrt(A), {rng}"),
+    }
+
+
+def _scores_hdu(scores: Mapping[str, tuple[Any, str]], nspec: int, apath: str) -> fits.BinTableHDU:
+    """The SCORES table: one float64 column per score, its comment on the TTYPE card."""
+    cols = []
+    for name, (values, _comment) in scores.items():
+        v = np.asarray(values, dtype=np.float64)
+        if v.shape != (nspec,):
+            raise ValueError(f"{apath}: score {name} has shape {v.shape}, expected ({nspec},)")
+        cols.append(fits.Column(name=str(name), format="D", array=v))
+    hdu = fits.BinTableHDU.from_columns(cols, name="SCORES")
+    for i, (name, (_v, comment)) in enumerate(scores.items(), start=1):
+        _set_key(hdu.header, f"TTYPE{i}", str(name), str(comment))
+    return hdu
 
 
 def read_frame(path: str | os.PathLike) -> Frame:
@@ -769,7 +897,7 @@ def read_frame(path: str | os.PathLike) -> Frame:
         if "CHI2PIX" in hdul:
             chi2pix = _read_data(hdul["CHI2PIX"], "CHI2PIX", spath, 2).astype(np.float64)
         if "FIBERMAP" in hdul:
-            fibermap = _read_table(hdul["FIBERMAP"])
+            fibermap = _read_table(hdul["FIBERMAP"], "FIBERMAP", spath)
         header = hdul["FLUX"].header.copy()
 
     nspec, nwave = flux.shape
@@ -844,6 +972,31 @@ def psf_camera(path: str | os.PathLike) -> str | None:
     except Exception:
         return None
     return None
+
+
+def psf_input(path: str | os.PathLike) -> str | None:
+    """IN_PSF of a PSF file's PSF HDU (the PSF it was shifted from: the frame's ORIG_PSF), or None."""
+    try:
+        with fits.open(os.fspath(path), memmap=False) as hdul:
+            if "PSF" in hdul and "IN_PSF" in hdul["PSF"].header:
+                return str(hdul["PSF"].header["IN_PSF"])
+    except Exception:
+        return None
+    return None
+
+
+def read_fibermap(path: str | os.PathLike) -> Table:
+    """The FIBERMAP table of a file (a fibermap, preproc or frame file), with its header in ``meta``.
+
+    Raises:
+        FileNotFoundError, OSError: no such or unreadable file.
+        ValueError: no FIBERMAP HDU, or it is not a table (the message names the file).
+    """
+    spath, hdul = _open_fits(path, "fibermap")
+    with hdul:
+        hdu = _get_hdu(hdul, "FIBERMAP", spath, "fibermap")
+        table = _read_table(hdu, "FIBERMAP", spath)
+    return table
 
 
 # --------------------------------------------------------------------------
