@@ -192,10 +192,13 @@ def extract_sharded(image, ivar, psf, wave, *, devices: Sequence | None = None, 
     from .._extraction.extract import extract
     from .._extraction.patch import default_chunk_size
 
+    from .._extraction.options import ExtractOptions
+
     solve = sharded_solve_chunk(devices)
-    if chunk_size is None:
-        chunk_size = default_chunk_size() * solve.ndev
-    return extract(image, ivar, psf, wave, chunk_size=chunk_size, solve_chunk=solve, **kwargs)
+    options = kwargs.pop("options", None) or ExtractOptions()
+    chunk_size = chunk_size or options.chunk_size or default_chunk_size() * solve.ndev
+    return extract(image, ivar, psf, wave, options=options.replace(chunk_size=chunk_size), solve_chunk=solve,
+                   **kwargs)
 
 
 # ----------------------------------------------------------------------------- ranks
