@@ -10,6 +10,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # XLA's CPU pool must outnumber the batched LAPACK kernels that can run at once
 # (jaxlib 0.10 deadlocks otherwise on 2 cores); set before JAX starts. The CLI does the same.
 os.environ.setdefault("PJRT_NPROC", str(2 * (os.cpu_count() or 1)))
+# the commands run in-process here: no persistent compilation cache left behind in ~/.cache
+os.environ.setdefault("JAXSPEC_COMPILATION_CACHE", "off")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
