@@ -4,6 +4,7 @@ Usage::
 
     python examples/extract_subimage.py PREPROC PSF [--fibers 0 25] [--wave 5800 6000] [-o subimage.png]
     python examples/extract_subimage.py --demo        # no files: a simulated DESI-like image
+    python examples/extract_subimage.py --demo --overwrite   # replace an existing subimage.png
 
 Cuts the pixels that fibers ``[fmin, fmax)`` at wavelengths ``[wmin, wmax]`` fall on out of
 the preproc image (``psf.xyrange`` gives the box), extracts them with ``xyrange`` telling
@@ -16,6 +17,7 @@ panel shows it there, and the first and last few bins of each spectrum are less 
 from __future__ import annotations
 
 import argparse
+import os
 
 import jax
 
@@ -24,7 +26,7 @@ jax.config.update("jax_enable_x64", True)  # a script may set JAX's config; the 
 import numpy as np  # noqa: E402
 
 import jaxspec  # noqa: E402
-from jaxspec._plots import plot_extraction  # noqa: E402
+from jaxspec import plot_extraction  # noqa: E402
 
 
 def load(args):
@@ -52,9 +54,12 @@ def main(argv=None) -> int:
     p.add_argument("--wave", type=float, nargs=2, default=(5700.0, 5780.0), metavar=("WMIN", "WMAX"),
                    help="wavelength range [A] (default 5700 5780)")
     p.add_argument("-o", "--output", default="subimage.png", help="PNG to write (default subimage.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output PNG")
     args = p.parse_args(argv)
     if not args.demo and (args.preproc is None or args.psf is None):
         p.error("give PREPROC and PSF, or --demo")
+    if os.path.exists(args.output) and not args.overwrite:  # before any work
+        p.error(f"{args.output} exists; use --overwrite to replace it")
 
     image, ivar, psf, truth = load(args)
     fmin, fmax = args.fibers
@@ -73,7 +78,7 @@ def main(argv=None) -> int:
         flux_true = np.stack([np.interp(wave, t_wave, t_flux[f - off]) for f in range(fmin, fmax)])
     n = fmax - fmin
     plot_extraction(args.output, ex, image=sub, ivar=subivar, truth=flux_true, fibers=(0, n // 2, n - 1),
-                    title=f"fibers {fmin}-{fmax - 1}, {wave[0]:.0f}-{wave[-1]:.0f} A")
+                    title=f"fibers {fmin}-{fmax - 1}, {wave[0]:.0f}-{wave[-1]:.0f} A", overwrite=args.overwrite)
     good = np.asarray(ex.ivar) > 0
     print(f"{n} spectra x {len(wave)} wavelengths; median S/N "
           f"{np.median(np.asarray(ex.flux)[good] * np.sqrt(np.asarray(ex.ivar)[good])):.1f}; "

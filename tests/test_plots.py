@@ -17,7 +17,7 @@ def extraction():
     psf = jaxspec.desi_like_psf(nspec=25, wmin=wave[0] - 8, wmax=wave[-1] + 8, margin=12.0)
     truth = 60.0 + 500.0 * np.exp(-0.5 * ((wave - 5670.0) / 1.0) ** 2) * np.ones((25, 1))
     image, ivar, _ = jaxspec.simulate(psf, wave, truth, readnoise=3.0, seed=2)
-    ex = jaxspec.extract(image, ivar, psf, wave, nspec=25, wavesize=30, model=True)
+    ex = jaxspec.extract(image, ivar, psf, wave, nspec=25, options=jaxspec.ExtractOptions(nwavestep=30), model=True)
     return ex, image, ivar, truth
 
 
@@ -81,3 +81,120 @@ def test_plot_frame_rejects_fibers_outside(extraction, tmp_path):
     # no CHI2PIX: the panel says so instead of failing
     out = _plots.plot_frame(tmp_path / "f.png", frame, fibers=[0, 24])
     assert (tmp_path / "f.png").stat().st_size > 10_000 and out == tmp_path / "f.png"
+
+
+def _frame(ex, bunit="electron/Angstrom"):
+    from astropy.io import fits
+
+    hdr = fits.Header()
+    if bunit is not None:
+        hdr["BUNIT"] = bunit
+    return jaxspec.Frame(wave=np.asarray(ex.wave), flux=np.asarray(ex.flux), ivar=np.asarray(ex.ivar),
+                         resolution=np.asarray(ex.resolution), chi2pix=np.asarray(ex.chi2pix), header=hdr)
+
+
+def test_flux_axis_says_the_frames_unit(extraction):
+    ex, *_ = extraction
+    for bunit, label in [("electron/Angstrom", "flux [electron / Angstrom]"),
+                         ("10**-17 erg/(s cm2 Angstrom)", "flux [10**-17 erg / (s cm2 Angstrom)]"),
+                         (None, "flux [electron / Angstrom]")]:  # no BUNIT: what jaxspec writes
+        fig = _plots._frame_figure(_frame(ex, bunit), fibers=[0, 24])
+        spectra_ax = fig.axes[0]
+        assert spectra_ax.get_ylabel() == label
+        assert "photons" not in spectra_ax.get_ylabel()
+        plt.close(fig)
+    fig, ax = plt.subplots()
+    _plots.spectra_panel(ax, ex.wave, ex.flux, ex.ivar, [0])
+    assert ax.get_ylabel() == "flux [electron / Angstrom]" and ax.get_xlabel() == "wavelength [Angstrom]"
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("scale", [0.4, 1.0, 3.0, 30.0, 400.0])
+def test_chi2pix_ticks_one_format(scale):
+    """Every labelled chi2pix tick is a plain decimal (no '3e-01' beside '1', no mathtext)."""
+    import re
+
+    rng = np.random.default_rng(5)
+    wave = np.linspace(5600.0, 5700.0, 120)
+    c2 = scale * rng.uniform(0.6, 1.8, (3, 120))
+    fig, ax = plt.subplots(figsize=(8, 3))
+    _plots.chi2pix_panel(ax, wave, c2, [0, 1, 2])
+    fig.canvas.draw()
+    lo, hi = ax.get_ylim()
+    shown = [t.get_text() for minor in (False, True) for t in ax.get_yticklabels(minor=minor)
+             if t.get_text() and lo <= t.get_position()[1] <= hi]
+    assert len(shown) >= 2, shown
+    assert all(re.fullmatch(r"\d+(\.\d+)?", s) for s in shown), shown
+    # the labels are the tick values
+    for t in ax.get_yticklabels():
+        if t.get_text() and lo <= t.get_position()[1] <= hi:
+            assert float(t.get_text()) == pytest.approx(t.get_position()[1], rel=1e-12)
+    plt.close(fig)
+
+
+def test_png_written_atomically(extraction, tmp_path):
+    """PNGs go through the atomic writer: never replaced without overwrite, no temp file left."""
+    ex, *_ = extraction
+    frame = _frame(ex)
+    out = tmp_path / "f.png"
+    out.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        _plots.plot_frame(out, frame, fibers=[0])
+    with pytest.raises(FileExistsError):
+        _plots.plot_extraction(out, ex)
+    assert out.read_bytes() == b"keep me" and plt.get_fignums() == []
+    _plots.plot_frame(out, frame, fibers=[0], overwrite=True)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.png"]
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask():
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_png_never_partial_after_sigkill(tmp_path):
+    """SIGKILL while PNGs are written: the file is always a whole PNG (or absent), never empty."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "k.png"
+    script = f"""
+import sys
+import matplotlib
+matplotlib.use("Agg")
+import numpy as np
+from jaxspec import _plots
+from jaxspec._io.frames import Frame
+wave = np.linspace(5600, 5700, 2000)
+rng = np.random.default_rng(0)
+f = Frame(wave=wave, flux=rng.normal(100, 10, (3, 2000)), ivar=np.ones((3, 2000)),
+          resolution=np.ones((3, 1, 2000)), chi2pix=rng.uniform(0.5, 2, (3, 2000)))
+for i in range(10_000):
+    _plots.plot_frame({str(out)!r}, f, fibers=[0, 1, 2], overwrite=True)
+    print("done", flush=True)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "done"
+        for delay in (0.013, 0.05, 0.11, 0.17):
+            time.sleep(delay)
+            head = out.read_bytes()
+            assert head[:8] == b"\x89PNG\r\n\x1a\n" and head.endswith(b"IEND\xaeB`\x82")
+        time.sleep(0.07)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data.endswith(b"IEND\xaeB`\x82")  # complete
+    # at most a hidden temporary file of the writer's pattern may remain (cleaned by the next run)
+    rest = [p.name for p in tmp_path.iterdir() if p.name != "k.png"]
+    assert all(n.startswith(".k.png.") and n.endswith(".tmp") for n in rest), rest

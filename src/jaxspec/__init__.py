@@ -56,6 +56,7 @@ _HOMES = {
     "FrameJob": "._pipeline.batch",
     "FrameOptions": "._pipeline.job",
     "GaussHermitePSF": ".psf",
+    "GaussHermite2PSF": ".psf",
     "GaussianPSF": ".psf",
     "LineList": "._simulation.calib",
     "OptionError": "._extraction.options",
@@ -116,6 +117,7 @@ __all__ = [
     "FrameJob",
     "FrameOptions",
     "GaussHermitePSF",
+    "GaussHermite2PSF",
     "GaussianPSF",
     "LineList",
     "OptionError",
@@ -196,7 +198,7 @@ if TYPE_CHECKING:  # the same names for type checkers and documentation tools
     from ._extraction.geometry import PatchGeometry, patch_geometry
     from ._simulation.project import project, simulate
     from ._version import __version__
-    from .psf import GaussHermitePSF, GaussianPSF, PSF, TraceGaussianPSF, desi_like_psf, read_psf, write_psf
+    from .psf import GaussHermite2PSF, GaussHermitePSF, GaussianPSF, PSF, TraceGaussianPSF, desi_like_psf, read_psf, write_psf
     from .solve import apply_resolution
     from ._extraction.options import ExtractOptions, OptionError
     from ._pipeline.job import FrameOptions, run_frame

@@ -7,12 +7,14 @@
   bands and chi2pix per fiber, and optionally image / model / pull panels of a
   pixel region of the preproc image that was extracted.
 
-Both write a PNG and return its path.  The building blocks :func:`spectra_panel`,
+Both write a PNG through the one atomic writer (:func:`jaxspec._io.atomic.atomic_write`:
+a killed run never leaves a partial or empty PNG, and an existing file is replaced only
+with ``overwrite=True``) and return its path.  The building blocks :func:`spectra_panel`,
 :func:`image_panels` and :func:`chi2pix_panel` draw on matplotlib axes that the
 caller owns, for notebooks.
 
-matplotlib is imported lazily and its backend left alone (the CLI picks ``Agg``);
-figures are closed after saving.
+matplotlib is imported lazily; the PNG writers draw on figures outside pyplot
+(``matplotlib.figure.Figure``), so they need no backend and leave no figure open.
 """
 
 from __future__ import annotations
@@ -21,15 +23,18 @@ import os
 
 import numpy as np
 
+from ._io.atomic import atomic_write, check_output_path
+
 __all__ = ["chi2pix_panel", "image_panels", "plot_extraction", "plot_frame", "spectra_panel"]
 
 _PULL_RANGE = 5.0  # colour range of pull panels, in sigma
 
 
-def _mpl():
-    import matplotlib.pyplot as plt
+def _figure(**kw):
+    """A matplotlib figure outside pyplot: no GUI backend involved and nothing left open."""
+    from matplotlib.figure import Figure
 
-    return plt
+    return Figure(**kw)
 
 
 def _limits(a: np.ndarray) -> tuple[float, float]:
@@ -47,6 +52,21 @@ def _errors(ivar: np.ndarray) -> np.ndarray:
     return np.where(good, 1.0 / np.sqrt(np.where(good, ivar, 1.0)), np.nan)
 
 
+#: Flux unit of an extraction (and of jaxspec's frames: their BUNIT).
+FLUX_UNIT = "electron/Angstrom"
+
+
+def _unit_label(unit: str) -> str:
+    """'electron/Angstrom' -> 'electron / Angstrom' (an axis label)."""
+    return " / ".join(part.strip() for part in str(unit).split("/"))
+
+
+def _save(fig, path, overwrite: bool):
+    """Write ``fig`` as a PNG to ``path`` atomically."""
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110), overwrite=overwrite)
+    return path
+
+
 def _labels_and_window(wave, rows, labels, wave_range):
     """Default legend labels for ``rows`` and the mask of ``wave`` inside ``wave_range``."""
     labels = labels or [f"spectrum {r}" for r in rows]
@@ -55,13 +75,13 @@ def _labels_and_window(wave, rows, labels, wave_range):
     return labels, (wave >= wave_range[0]) & (wave <= wave_range[1])
 
 
-def spectra_panel(ax, wave, flux, ivar, rows, labels=None, truth=None, wave_range=None):
+def spectra_panel(ax, wave, flux, ivar, rows, labels=None, truth=None, wave_range=None, unit=FLUX_UNIT):
     """Draw spectra with 1-sigma error bands on ``ax``.
 
     Args:
         ax: matplotlib axes.
         wave: (nwave,) wavelengths [A].
-        flux: (nspec, nwave) flux [photons / A].
+        flux: (nspec, nwave) flux [``unit``].
         ivar: (nspec, nwave) inverse variance of ``flux``; bins with ivar 0 are
             left as gaps.
         rows: indices into the first axis of ``flux`` to draw.
@@ -69,6 +89,7 @@ def spectra_panel(ax, wave, flux, ivar, rows, labels=None, truth=None, wave_rang
         truth: optional (nspec, nwave) model already convolved with the resolution
             matrix, drawn as black dashed lines.
         wave_range: optional ``(wmin, wmax)`` [A] to zoom on.
+        unit: flux unit for the axis label (a frame's BUNIT; default electron/Angstrom).
     """
     wave = np.asarray(wave)
     flux = np.asarray(flux)
@@ -85,8 +106,8 @@ def spectra_panel(ax, wave, flux, ivar, rows, labels=None, truth=None, wave_rang
             ax.plot(w, np.asarray(truth)[r][sel], color="k", lw=0.7, ls="--")
     if truth is not None:
         ax.plot([], [], color="k", lw=0.7, ls="--", label="truth convolved with R")
-    ax.set_xlabel("wavelength [A]")
-    ax.set_ylabel("flux [photons / A]")
+    ax.set_xlabel("wavelength [Angstrom]")
+    ax.set_ylabel(f"flux [{_unit_label(unit)}]")
     if len(w):
         ax.set_xlim(w[0], w[-1])
     ax.legend(fontsize=7, loc="upper right", ncol=min(len(rows) + (truth is not None), 4))
@@ -101,14 +122,24 @@ def chi2pix_panel(ax, wave, chi2pix, rows, labels=None, wave_range=None):
         c2 = chi2pix[r][sel]
         ax.plot(wave[sel], np.where(c2 > 0, c2, np.nan), color=f"C{n % 10}", lw=0.7,
                 drawstyle="steps-mid", label=label)
-    from matplotlib.ticker import LogFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
     ax.axhline(1.0, color="k", lw=0.6, ls=":")
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
-    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    # one tick format, plain decimals: 0.5, 1, 2, 5, 10, ... (1, 2, 5 x 10^k), and on an
+    # axis spanning less than a decade the minor ticks between them too (0.6, 0.7, 3, ...)
+    plain = FuncFormatter(lambda v, _: np.format_float_positional(float(f"{v:.6g}"), trim="-"))
+
+    def minor(v, pos):
+        lo, hi = ax.get_ylim()
+        return plain(v, pos) if 0 < lo < hi < 10 * lo else ""
+
+    ax.yaxis.set_major_locator(LogLocator(base=10.0, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_locator(LogLocator(base=10.0, subs=(3.0, 4.0, 6.0, 7.0, 8.0, 9.0)))
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
     ax.set_ylabel("chi2pix")
-    ax.set_xlabel("wavelength [A]")
+    ax.set_xlabel("wavelength [Angstrom]")
     if sel.any():
         ax.set_xlim(wave[sel][0], wave[sel][-1])
 
@@ -130,12 +161,12 @@ def image_panels(axes, fig, image, model, ivar=None, extent=None):
     else:
         resid = image - model
         r = max(abs(v) for v in _limits(resid))
-        rlim, rname = (-r, r), "image - model [photons]"
+        rlim, rname = (-r, r), "image - model [electron]"
     ext = None if extent is None else (extent[0] - 0.5, extent[1] - 0.5, extent[2] - 0.5, extent[3] - 0.5)
     for ax, a, name, lim, cmap in zip(
         axes,
         (image, model, resid),
-        ("image [photons]", "model [photons]", rname),
+        ("image [electron]", "model [electron]", rname),
         ((lo, hi), (lo, hi), rlim),
         ("viridis", "viridis", "RdBu_r"),
     ):
@@ -147,30 +178,36 @@ def image_panels(axes, fig, image, model, ivar=None, extent=None):
         fig.colorbar(im, ax=ax, shrink=0.85)
 
 
-def plot_extraction(path, ex, image=None, ivar=None, truth=None, fibers=(0,), title=None, wave_range=None):
-    """Write a PNG of an :class:`~jaxspec.Extraction`.
+def plot_extraction(path, ex, image=None, ivar=None, truth=None, fibers=(0,), title=None, wave_range=None,
+                    overwrite=False):
+    """Write a PNG of an :class:`~jaxspec.Extraction`: image / model / pull panels and spectra.
 
     Args:
-        path: PNG file to write.
+        path: PNG file to write (atomically: never left partial or empty).
         ex: the extraction (extracted with ``model=True`` for the image panels).
-        image, ivar: the extracted (sub-)image and its inverse variance, same shape
-            as ``ex.model`` (optional; with both, the top row shows image, model and
-            pull).
-        truth: (nspec, nwave) true flux [photons / A] on ``ex.wave``; drawn after
+        image: the extracted (sub-)image [electron], same shape as ``ex.model``
+            (optional; with it a top row shows image, model and residual).
+        ivar: the inverse variance of ``image`` [electron^-2] (optional; makes the
+            residual a pull ``(image - model) sqrt(ivar)``).
+        truth: (nspec, nwave) true flux [electron / A] on ``ex.wave``; drawn after
             convolution with the extraction's resolution matrix (optional).
         fibers: fiber offsets (0 = ``ex.specmin``) to draw.
         title: figure title.
         wave_range: optional ``(wmin, wmax)`` [A] to zoom the spectra on.
+        overwrite: replace an existing ``path`` (otherwise ``FileExistsError``).
 
     Returns:
         ``path``.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False (checked before drawing).
     """
     from .solve import apply_resolution
 
-    plt = _mpl()
+    check_output_path(path, overwrite)
     conv = None if truth is None else np.asarray(apply_resolution(ex.resolution, np.asarray(truth)))
     panels = image is not None and ex.model is not None
-    fig = plt.figure(figsize=(12, 7 if panels else 4), layout="constrained")
+    fig = _figure(figsize=(12, 7 if panels else 4), layout="constrained")
     if panels:
         gs = fig.add_gridspec(2, 3, height_ratios=[1.3, 1])
         axes = [fig.add_subplot(gs[0, i]) for i in range(3)]
@@ -182,9 +219,7 @@ def plot_extraction(path, ex, image=None, ivar=None, truth=None, fibers=(0,), ti
                   truth=conv, wave_range=wave_range)
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, overwrite)
 
 
 def _frame_title(frame) -> str:
@@ -197,27 +232,41 @@ def _frame_title(frame) -> str:
 
 
 def plot_frame(path, frame, fibers=None, image=None, model=None, ivar=None, region=None, wave_range=None,
-               title=None):
+               title=None, overwrite=False):
     """Write a PNG of a frame: spectra with error bands, chi2pix and, optionally, pixels.
 
+    The flux axis is labelled with the frame's unit (its BUNIT header key).
+
     Args:
-        path: PNG file to write.
+        path: PNG file to write (atomically: never left partial or empty).
         frame: a :class:`~jaxspec.Frame` (e.g. from :func:`~jaxspec.read_frame`).
         fibers: fiber numbers (as on the CCD, ``frame.specmin .. specmin + nspec - 1``)
             to draw; default the first, middle and last.
-        image, model: the preproc image that was extracted and the model image
-            (``jaxspec extract --model``), both (ny, nx); with both, a top row
-            shows image, model and residual over ``region``.
+        image: the (ny, nx) preproc image that was extracted [electron]; with
+            ``model``, a top row shows image, model and residual over ``region``.
+        model: the (ny, nx) model image (``jaxspec extract --model``) [electron].
         ivar: (ny, nx) pixel inverse variance; makes the residual a pull.
         region: ``(x0, x1, y0, y1)`` pixel box of the image panels (upper bounds
             exclusive); default the whole image.
         wave_range: optional ``(wmin, wmax)`` [A] to zoom the spectra on.
         title: figure title (default: file name, CAMERA, NIGHT, EXPID).
+        overwrite: replace an existing ``path`` (otherwise ``FileExistsError``).
 
     Returns:
         ``path``.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False (checked before drawing).
+        ValueError: a fiber of ``fibers`` is not in the frame.
     """
-    plt = _mpl()
+    check_output_path(path, overwrite)
+    fig = _frame_figure(frame, fibers, image, model, ivar, region, wave_range, title)
+    return _save(fig, path, overwrite)
+
+
+def _frame_figure(frame, fibers=None, image=None, model=None, ivar=None, region=None, wave_range=None,
+                  title=None):
+    """The figure of :func:`plot_frame` (a matplotlib ``Figure`` outside pyplot)."""
     specmin = frame.specmin
     if fibers is None:
         fibers = sorted({specmin, specmin + frame.nspec // 2, specmin + frame.nspec - 1})
@@ -228,7 +277,7 @@ def plot_frame(path, frame, fibers=None, image=None, model=None, ivar=None, regi
     labels = [f"fiber {f}" for f in fibers]
     pixels = image is not None and model is not None
     nrow = 3 if pixels else 2
-    fig = plt.figure(figsize=(12, 3.3 * nrow), layout="constrained")
+    fig = _figure(figsize=(12, 3.3 * nrow), layout="constrained")
     gs = fig.add_gridspec(nrow, 3, height_ratios=[1.4, 1.2, 0.9][3 - nrow:])
     if pixels:
         x0, x1, y0, y1 = region if region is not None else (0, image.shape[1], 0, image.shape[0])
@@ -237,7 +286,8 @@ def plot_frame(path, frame, fibers=None, image=None, model=None, ivar=None, regi
         image_panels(axes, fig, np.asarray(image)[cut], np.asarray(model)[cut],
                      None if ivar is None else np.asarray(ivar)[cut], extent=(x0, x1, y0, y1))
     ax = fig.add_subplot(gs[nrow - 2, :])
-    spectra_panel(ax, frame.wave, frame.flux, frame.ivar, rows, labels, wave_range=wave_range)
+    unit = str(frame.header.get("BUNIT", FLUX_UNIT)).strip() or FLUX_UNIT
+    spectra_panel(ax, frame.wave, frame.flux, frame.ivar, rows, labels, wave_range=wave_range, unit=unit)
     ax = fig.add_subplot(gs[nrow - 1, :], sharex=ax)
     if frame.chi2pix is not None:
         chi2pix_panel(ax, frame.wave, frame.chi2pix, rows, labels, wave_range=wave_range)
@@ -245,6 +295,4 @@ def plot_frame(path, frame, fibers=None, image=None, model=None, ivar=None, regi
         ax.text(0.5, 0.5, "no CHI2PIX HDU in this frame", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
     fig.suptitle(title if title is not None else _frame_title(frame), fontsize=10)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig

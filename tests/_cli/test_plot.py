@@ -1,10 +1,12 @@
 """``jaxspec plot``: the PNGs of a frame written by ``jaxspec extract``, and its usage errors.
 
-One small frame (25 fibers x 100 wavelengths of a DESI-like PSF) is simulated,
+One small frame (25 fibers x 100 wavelengths of a DESI-like PSF, on the bottom rows of a
+1400-row CCD) is simulated,
 written as PSF + preproc files and extracted through the command line with
 ``--model``; the plot command then reads those files like an operator would.
 """
 
+import logging
 import os
 
 import numpy as np
@@ -22,7 +24,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("plot")
     wave = 5650.0 + 0.8 * np.arange(100)
-    psf = jaxspec.desi_like_psf(nspec=25, wmin=wave[0] - 8, wmax=wave[-1] + 8, margin=12.0)
+    # a CCD taller than the plot's default region (1024 pixels) with the light in its bottom
+    # 200 rows: the default image panels must find the light, not the CCD's empty centre
+    psf = jaxspec.desi_like_psf(nspec=25, wmin=wave[0] - 8, wmax=wave[-1] + 8, margin=12.0, npix_y=1400)
     rng = np.random.default_rng(3)
     flux = 80.0 + 20.0 * rng.random((25, 1)) + 900.0 * np.exp(-0.5 * ((wave - 5690.0) / 1.0) ** 2)
     image, ivar, _ = jaxspec.simulate(psf, wave, flux, readnoise=3.0, seed=4)
@@ -126,3 +130,61 @@ def test_default_region_crops_large_images():
     x0, x1, y0, y1 = default_region((4128, 4114))
     assert (x1 - x0, y1 - y0) == (256, 256)
     assert x0 < 4114 // 2 < x1 and y0 < 4128 // 2 < y1
+
+
+def test_default_region_shows_the_frames_light(files, caplog):
+    """Without --region the image panels show where the model has light (issue 15)."""
+    from jaxspec._cli.plot import default_region
+
+    pre = jaxspec.read_preproc(files["pre"])
+    from jaxspec._cli.plot import read_model_image
+
+    model = read_model_image(files["model"])
+    ny, nx = model.shape
+    assert ny > 1024  # a crop is needed
+    x0, x1, y0, y1 = default_region(model.shape, model)
+    assert 0 <= x0 < x1 <= nx and 0 <= y0 < y1 <= ny and y1 - y0 <= 1024
+    inside = model[y0:y1, x0:x1].sum()
+    assert inside > 0.999 * model.sum()  # all the light of the frame is in the panels
+    assert (y1 - y0) < 0.3 * ny  # and the box is cut down to it
+    # the old default, a central crop, showed an empty image and a flat model
+    cx0, cx1, cy0, cy1 = default_region(model.shape)
+    assert model[cy0:cy1, cx0:cx1].max() < 1e-6 * model.max()
+    # the command uses it and says so
+    out = str(files["dir"] / "default-region.png")
+    with caplog.at_level(logging.INFO, logger="jaxspec"):
+        rc = main(["plot", files["frame"], "--image", files["pre"], "--model", files["model"], "-o", out,
+                   "--loglevel", "INFO"])
+    assert rc == 0 and _is_png(out)
+    assert f"x {x0}..{x1}, y {y0}..{y1}" in caplog.text and "where the model has light" in caplog.text
+    assert pre.image.shape == model.shape
+
+
+def test_default_region_of_a_few_fibers_on_a_full_ccd():
+    """Fibers 0-49 on a 4128 x 4114 CCD: the box of their traces, cut to 256 rows round the light."""
+    from jaxspec._cli.plot import default_region
+
+    ny, nx = 4128, 4114
+    model = np.zeros((ny, nx))
+    cols = 8 + 7.4 * np.arange(50) + 12 * (np.arange(50) // 25)
+    for c in cols.astype(int):
+        model[:, c - 1:c + 2] = 50.0 + 10 * np.sin(np.arange(ny) / 300.0)[:, None]
+    x0, x1, y0, y1 = default_region((ny, nx), model)
+    assert (x0, x1) == (int(cols[0]) - 1, int(cols[-1]) + 2)  # every lit column, under 1024 wide
+    assert y1 - y0 == 256 and abs((y0 + y1) / 2 - ny / 2) < 40
+    assert (model[y0:y1, x0:x1] > 0).any(axis=0).sum() == 150  # the panels show all 50 traces
+    cx0, cx1, cy0, cy1 = default_region((ny, nx))
+    assert model[cy0:cy1, cx0:cx1].max() == 0  # the old default: nothing
+    # no light at all (an empty model): the old default
+    assert default_region((ny, nx), np.zeros((ny, nx))) == (cx0, cx1, cy0, cy1)
+
+
+def test_plot_replaces_only_with_overwrite_and_leaves_no_temp(files):
+    out = files["dir"] / "again.png"
+    assert main(["plot", files["frame"], "-o", str(out), "--quiet"]) == 0
+    first = out.read_bytes()
+    assert main(["plot", files["frame"], "--fibers", "5", "-o", str(out), "--quiet"]) == 2
+    assert out.read_bytes() == first
+    assert main(["plot", files["frame"], "--fibers", "5", "-o", str(out), "--overwrite", "--quiet"]) == 0
+    assert _is_png(out) and out.read_bytes() != first
+    assert not [p for p in files["dir"].iterdir() if p.name.endswith(".tmp")]

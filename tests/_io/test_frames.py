@@ -575,3 +575,129 @@ def test_camera_keys(psf_path, tmp_path):
     assert fio.psf_camera(tmp_path / "missing.fits") is None
     (tmp_path / "junk.fits").write_text("junk")
     assert fio.psf_camera(tmp_path / "junk.fits") is None
+
+
+# ---------------------------------------------------------------- bad preproc input (issue 15)
+
+
+def _with_card(src, dst, key, raw):
+    """Copy ``src`` with the header card of ``key`` replaced by the raw 80-byte ``raw``."""
+    data = bytearray(src.read_bytes())
+    i = data.index(key.ljust(8).encode() + b"=")
+    data[i:i + 80] = raw.ljust(80).encode()
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def test_read_preproc_unparsable_header_card(tmp_path):
+    good = tmp_path / "good.fits"
+    write_preproc(good, np.ones((5, 4)), np.ones((5, 4)), header=_header())
+    # an identifying key that cannot be parsed: refused, naming file, HDU and card
+    bad = _with_card(good, tmp_path / "cam.fits", "CAMERA", "CAMERA  = b1 no quotes")
+    with pytest.raises(ValueError, match=r"cam\.fits: IMAGE HDU header card CAMERA .*not a valid FITS"):
+        read_preproc(bad)
+    bad = _with_card(good, tmp_path / "exp.fits", "EXPTIME", "EXPTIME = 900.0.1")
+    with pytest.raises(ValueError, match=r"exp\.fits: IMAGE HDU header card EXPTIME"):
+        read_preproc(bad)
+    # any other key: dropped with a warning, the rest of the header kept
+    bad = _with_card(good, tmp_path / "det.fits", "DETECTOR", "MYKEY   = 1.2.3 / junk")
+    with pytest.warns(FrameIOWarning, match=r"det\.fits: IMAGE HDU header card MYKEY .*ignored"):
+        pp = read_preproc(bad)
+    assert "MYKEY" not in pp.header and pp.header["CAMERA"] == "b1" and pp.header["EXPID"] == 67890
+    # the unparsable card in the primary header of a file whose IMAGE is an extension
+    hdus = fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(np.ones((4, 6)), name="IMAGE"),
+                         fits.ImageHDU(np.ones((4, 6)), name="IVAR")])
+    hdus[0].header["NIGHT"] = 20200101
+    hdus.writeto(tmp_path / "ext.fits")
+    bad = _with_card(tmp_path / "ext.fits", tmp_path / "ext2.fits", "NIGHT", "NIGHT   = 2020-01-01")
+    with pytest.raises(ValueError, match=r"ext2\.fits: primary HDU header card NIGHT"):
+        read_preproc(bad)
+
+
+def test_read_preproc_fibermap_as_image(tmp_path):
+    path = tmp_path / "p.fits"
+    hdus = fits.HDUList([fits.PrimaryHDU(np.ones((4, 6), np.float32)),
+                         fits.ImageHDU(np.ones((4, 6), np.float32), name="IVAR"),
+                         fits.ImageHDU(np.zeros((3, 2)), name="FIBERMAP")])
+    hdus[0].header["EXTNAME"] = "IMAGE"
+    hdus.writeto(path)
+    with pytest.raises(ValueError, match=r"p\.fits: FIBERMAP HDU is an image \(shape \(3, 2\)\), not a table"):
+        read_preproc(path)
+    # the same for a frame
+    f = tmp_path / "f.fits"
+    write_frame(f, **_frame_arrays(nspec=3, nwave=6, ndiag=3))
+    with fits.open(f) as h:
+        hl = fits.HDUList([x.copy() for x in h] + [fits.ImageHDU(np.zeros(3), name="FIBERMAP")])
+    hl.writeto(tmp_path / "g.fits")
+    with pytest.raises(ValueError, match=r"g\.fits: FIBERMAP HDU is an image"):
+        read_frame(tmp_path / "g.fits")
+
+
+def test_read_preproc_int64_mask_high_bits(tmp_path):
+    """An int64 MASK keeps its full width: with mask_rule='any' every set bit masks its
+    pixel, bits 32..63 included (a cast to 32 bits used to drop them and leave the pixels
+    unmasked); the default (desispec's extraction bits) masks the pixels with those bits."""
+    img = np.ones((6, 7))
+    ivar = np.full((6, 7), 2.0)
+    mask = np.zeros((6, 7), dtype=np.int64)
+    mask[1, 2] = 1 << 32  # dropped by a cast to 32 bits
+    mask[3, 4] = 1 << 62
+    mask[4, 5] = (1 << 40) | 4  # DEAD (bit 2) and a high bit
+    mask[5, 6] = 2  # HOT
+    path = tmp_path / "p.fits"
+    _raw_preproc(path, img, ivar)
+    with fits.open(path, mode="append") as h:
+        h.append(fits.ImageHDU(mask, name="MASK"))
+    pa = read_preproc(path, mask_rule="any")
+    assert pa.mask.dtype == np.int64 and pa.mask.dtype.isnative
+    np.testing.assert_array_equal(pa.mask, mask)  # the full width kept
+    np.testing.assert_array_equal(pa.ivar == 0, mask != 0)
+    assert (pa.ivar == 0).sum() == 4
+    pd = read_preproc(path)  # desispec's rule: only its extraction bits zero ivar
+    np.testing.assert_array_equal(pd.mask, mask)
+    assert pd.ivar[4, 5] == 0 and pd.ivar[5, 6] == 0 and (pd.ivar == 0).sum() == 2
+    # NaN on top of a high-bit mask: the BAD bit is added, the high bit kept
+    img[3, 4] = np.nan
+    _raw_preproc(tmp_path / "q.fits", img, ivar)
+    with fits.open(tmp_path / "q.fits", mode="append") as h:
+        h.append(fits.ImageHDU(mask, name="MASK"))
+    with pytest.warns(FrameIOWarning, match="NaN or inf"):
+        pq = read_preproc(tmp_path / "q.fits")
+    assert pq.mask[3, 4] == (1 << 62) | fio.CCDMASK_BAD and pq.ivar[3, 4] == 0
+    # an unsigned 32-bit mask (BZERO-scaled in the file) keeps its top bit
+    m32 = np.zeros((6, 7), dtype=np.uint32)
+    m32[0, 0] = 1 << 31
+    _raw_preproc(tmp_path / "u.fits", np.ones((6, 7)), ivar)
+    with fits.open(tmp_path / "u.fits", mode="append") as h:
+        h.append(fits.ImageHDU(m32, name="MASK"))
+    pu = read_preproc(tmp_path / "u.fits", mask_rule="any")
+    assert pu.mask.dtype == np.uint32 and pu.mask[0, 0] == 1 << 31
+    assert pu.ivar[0, 0] == 0 and (pu.ivar == 0).sum() == 1
+
+
+def test_non_ascii_paths(tmp_path):
+    """A path with non-ASCII characters reads and writes; the header keeps an ASCII escape."""
+    d = tmp_path / "données"
+    d.mkdir()
+    pre = d / "preproc-é.fits"
+    write_preproc(pre, np.ones((5, 4)), np.ones((5, 4)), header=_header())
+    pp = read_preproc(pre)
+    assert pp.path == str(pre) and pp.header["CAMERA"] == "b1"
+    out = write_frame(d / "frame-é.fits", input_path=pre, psf_path=d / "psf-ø.fits",
+                      **_frame_arrays(nspec=2, nwave=6, ndiag=3))
+    h = read_frame(out).header
+    assert h["IN_IMG"] == str(pre).replace("é", "\\xe9")
+    assert h["IN_PSF"].endswith("donn\\xe9es/psf-\\xf8.fits")
+
+
+def test_read_model(tmp_path):
+    m = RNG.normal(size=(6, 4))
+    write_model(tmp_path / "model.fits", m)
+    back = fio.read_model(tmp_path / "model.fits")
+    assert back.dtype == np.float64 and back.shape == (6, 4)
+    np.testing.assert_array_equal(back, m.astype(np.float32))
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU(Table({"A": [1, 2]}))]).writeto(tmp_path / "t.fits")
+    with pytest.raises(ValueError, match=r"t\.fits: no 2-D model image"):
+        fio.read_model(tmp_path / "t.fits")
+    with pytest.raises(FileNotFoundError):
+        fio.read_model(tmp_path / "none.fits")

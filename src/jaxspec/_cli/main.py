@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             check = getattr(args, "check", None)
             if check is not None:
                 check(args)
-            setup_jax(args)
+            if getattr(args, "needs_jax", True):  # e.g. plot draws files and needs none
+                setup_jax(args)
             return int(args.func(args) or 0)
     except (UsageError, FileExistsError, FileNotFoundError, PermissionError, ValueError, OSError) as err:
         # one line for the user (as argparse does), the traceback only at --loglevel DEBUG

@@ -2,7 +2,8 @@
 
 Wired into the command line by :func:`jaxspec._cli.build_parser` through
 :func:`add_parser`.  Uses :func:`jaxspec._plots.plot_frame` and the readers of
-:mod:`jaxspec._frameio`; needs no JAX work at all.
+:mod:`jaxspec._io.frames`; needs no JAX work at all.  The PNG is written atomically
+(:func:`jaxspec._io.atomic.atomic_write`): a killed run leaves no partial file.
 """
 
 from __future__ import annotations
@@ -35,21 +36,20 @@ def _parse_ints(text: str | None, option: str, n: int | None = None) -> tuple[in
 
 
 def read_model_image(path: str):
-    """The model image written by ``jaxspec extract --model`` (HDU MODEL, else the first image)."""
-    import numpy as np
-    from astropy.io import fits
+    """The model image written by ``jaxspec extract --model`` (:func:`jaxspec._io.frames.read_model`)."""
+    from .._io import frames as _frameio
 
     if not os.path.exists(path):
         raise _usage_error(f"--model {path}: no such file")
-    with fits.open(path, memmap=False) as hdul:
-        hdu = hdul["MODEL"] if "MODEL" in hdul else next((h for h in hdul if h.data is not None), None)
-        if hdu is None or hdu.data is None or hdu.data.ndim != 2:
-            raise _usage_error(f"--model {path}: no 2-D model image in the file")
-        return np.asarray(hdu.data, dtype=np.float64)
+    try:
+        return _frameio.read_model(path)
+    except (OSError, ValueError) as err:
+        raise _usage_error(f"--model {path}: {err}") from None
 
 
-_MAX_DEFAULT_REGION = 1024  # larger images default to a central crop of the panels
+_MAX_DEFAULT_REGION = 1024  # larger lit areas default to a crop of the panels
 _CROP = 256
+_LIT = 1e-3  # a pixel is lit where the model exceeds this fraction of its maximum
 
 
 def _parse_floats(text: str | None, option: str, n: int) -> tuple[float, ...] | None:
@@ -65,9 +65,36 @@ def _parse_floats(text: str | None, option: str, n: int) -> tuple[float, ...] | 
     return vals
 
 
-def default_region(shape: tuple[int, int]) -> tuple[int, int, int, int]:
-    """The whole image, or a central ``_CROP`` x ``_CROP`` box of a large one."""
+def default_region(shape: tuple[int, int], model=None) -> tuple[int, int, int, int]:
+    """Default pixel box ``(x0, x1, y0, y1)`` (upper bounds exclusive) of the image panels.
+
+    Without ``model``: the whole image, or a central ``_CROP`` x ``_CROP`` box of a
+    large one.  With the (ny, nx) ``model`` image of the extraction (``jaxspec extract
+    --model``): the box of the pixels the frame's fibers and wavelengths light (model
+    above ``_LIT`` of its maximum); along an axis where that box is longer than
+    ``_MAX_DEFAULT_REGION`` pixels, a ``_CROP`` pixel window centred on the light.  So a
+    frame of fibers 0-49 on a full CCD shows its own traces, not the CCD's empty centre.
+    """
     ny, nx = shape
+    if model is not None:
+        import numpy as np
+
+        model = np.asarray(model, dtype=np.float64)
+        peak = float(np.max(model, initial=0.0, where=np.isfinite(model)))
+        lit = np.isfinite(model) & (model > _LIT * peak) if peak > 0 else None
+        if lit is not None and lit.any():
+            weight = np.where(lit, model, 0.0)
+            box = []
+            for axis, n in ((0, nx), (1, ny)):  # x: columns (sum over rows), then y
+                prof = weight.sum(axis=axis)
+                idx = np.flatnonzero(prof > 0)
+                lo, hi = int(idx[0]), int(idx[-1]) + 1
+                if hi - lo > _MAX_DEFAULT_REGION:
+                    centre = float(np.dot(prof, np.arange(n)) / prof.sum())
+                    lo = min(max(int(round(centre)) - _CROP // 2, lo), hi - _CROP)
+                    hi = lo + _CROP
+                box += [lo, hi]
+            return tuple(box)
     if max(ny, nx) <= _MAX_DEFAULT_REGION:
         return 0, nx, 0, ny
     x0 = max(nx // 2 - _CROP // 2, 0)
@@ -77,10 +104,6 @@ def default_region(shape: tuple[int, int]) -> tuple[int, int, int, int]:
 
 def cmd_plot(args) -> int:
     """Run ``jaxspec plot``."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # a file, never a window
-
     from .._io import frames as _frameio
     from .._plots import plot_frame
 
@@ -119,9 +142,10 @@ def cmd_plot(args) -> int:
             raise _usage_error(f"--model image {model.shape} and --image {image.shape} differ in shape")
         ny, nx = image.shape
         if region is None:
-            region = default_region(image.shape)
+            region = default_region(image.shape, model)
             if region != (0, nx, 0, ny):
-                log.info("image panels show the central pixels %s; choose others with --region", region)
+                log.info("image panels show pixels x %d..%d, y %d..%d, where the model has light; "
+                         "choose others with --region", *region)
         x0, x1, y0, y1 = region
         if not (0 <= x0 < x1 <= nx and 0 <= y0 < y1 <= ny):
             raise _usage_error(f"--region {args.region}: need 0 <= x0 < x1 <= {nx} and 0 <= y0 < y1 <= {ny}")
@@ -129,7 +153,7 @@ def cmd_plot(args) -> int:
         log.warning("--region is ignored without --image and --model")
 
     path = plot_frame(output, frame, fibers=fibers, image=image, model=model, ivar=ivar, region=region,
-                      wave_range=wave_range)
+                      wave_range=wave_range, overwrite=args.overwrite)
     print(f"jaxspec plot: {len(fibers)} fibers -> {os.path.abspath(path)}")
     return 0
 
@@ -151,11 +175,12 @@ def add_parser(subparsers, common) -> argparse.ArgumentParser:
                         "middle and last)")
     p.add_argument("--region", default=None,
                    help="x0,x1,y0,y1 pixel region of the image panels, upper bounds exclusive "
-                        f"(default: the whole image, or its central {_CROP} x {_CROP} pixels when it is "
-                        f"larger than {_MAX_DEFAULT_REGION})")
+                        "(default: the pixels where the model has light, cut to a "
+                        f"{_CROP}-pixel window around the light along a side longer than "
+                        f"{_MAX_DEFAULT_REGION})")
     p.add_argument("--wave", default=None, metavar="WMIN,WMAX",
                    help="wavelength range [A] of the spectra panels (default: the whole frame)")
     p.add_argument("-o", "--output", default=None, help="output PNG (default: FRAME's name with .png)")
     common(p)
-    p.set_defaults(func=cmd_plot)
+    p.set_defaults(func=cmd_plot, needs_jax=False)
     return p

@@ -13,7 +13,8 @@ Formats
 *Frame* (extracted spectra, the layout read by ``desispec.io.read_frame``):
 primary HDU ``FLUX`` (nspec, nwave) float32, then ``IVAR`` float32, ``MASK``
 uint32, ``WAVELENGTH`` float64, ``RESOLUTION`` (nspec, ndiag, nwave) float32,
-``FIBERMAP`` (binary table, when given) and ``CHI2PIX`` float32 (when given).
+``FIBERMAP`` (binary table, when given), ``CHI2PIX`` float32 (when given) and
+``SCORES`` (binary table of per-fiber scores, when given: :func:`frame_scores`).
 
 Safety rules shared by every writer
 -----------------------------------
@@ -57,6 +58,7 @@ __all__ = [
     "read_frame",
     "write_frame",
     "write_model",
+    "read_model",
     "check_output_path",
     "embed_subimage",
     "frame_scores",
@@ -516,12 +518,16 @@ def read_preproc(path: str | os.PathLike, mask_rule: str = "desispec") -> Prepro
     MASK value).  NaN/inf in IMAGE or IVAR, and negative
     IVAR, are masked (ivar 0; image 0 where non-finite; CCD mask bit BAD set
     when there is a MASK) with a :class:`FrameIOWarning` giving the count.
+    MASK keeps the file's integer width (an int64 MASK keeps bits 32-63).  A header
+    card astropy cannot parse is dropped with a :class:`FrameIOWarning`, unless it
+    is one of :data:`IDENTIFYING_KEYS` (then ``ValueError``).
 
     Raises:
         FileNotFoundError: no such file.
         OSError: not a readable FITS file.
         ValueError: IMAGE or IVAR HDU missing or empty, or IMAGE/IVAR/MASK
-            shapes disagree, or only one of TRUTH_WAVE/TRUTH_FLUX present.
+            shapes disagree, or only one of TRUTH_WAVE/TRUTH_FLUX present, an
+            unparsable CAMERA/EXPID/... card, or a FIBERMAP HDU that is not a table.
 
     Every message names the file and, where relevant, the HDU.
     """
@@ -937,6 +943,26 @@ def write_model(path: str | os.PathLike, model, header=None, overwrite: bool = F
     hdus = fits.HDUList([fits.PrimaryHDU(m, header=hdr)])
     hdus[0].header["EXTNAME"] = "MODEL"
     return _atomic_writeto(hdus, apath, overwrite)
+
+
+def read_model(path: str | os.PathLike) -> np.ndarray:
+    """The (ny, nx) float64 model image of :func:`write_model` (HDU MODEL, else the first image).
+
+    Raises:
+        FileNotFoundError: no such file.
+        OSError: not a readable FITS file.
+        ValueError: no 2-D image in the file (the message names the file).
+    """
+    spath, hdul = _open_fits(path, "model")
+    with hdul:
+        if "MODEL" in hdul:
+            hdu, name = hdul["MODEL"], "MODEL"
+        else:
+            hdu = next((h for h in hdul if h.is_image and h.data is not None), None)
+            name = "first image"
+        if hdu is None or not hdu.is_image or hdu.data is None or np.ndim(hdu.data) != 2:
+            raise ValueError(f"{spath}: no 2-D model image in the file ({name} HDU)")
+        return np.asarray(hdu.data, dtype=np.float64)
 
 
 # --------------------------------------------------------------------------
