@@ -24,7 +24,7 @@ def _setup(seed=0, n=12):
 @pytest.mark.parametrize("square", [True, False])
 def test_diagonal_terms(reg, square):
     Q, fw = _setup()
-    out = np.asarray(regularize_normal(Q, fw, np.ones(12, bool), reg, SPECTER_MINWEIGHT_FRAC, square_lowweight=square))
+    out = np.asarray(regularize_normal(Q, fw, np.ones(12, bool), reg, 0.01, square_lowweight=square))
     minweight = 0.01 * fw.max()
     low = fw < minweight
     if square:  # specter: Idiag = regularize | (minweight - fw); Q += Idiag**2
@@ -65,3 +65,14 @@ def test_jit_vmap():
     out = f(Qs, fws, valid)
     for i in range(3):
         np.testing.assert_allclose(out[i], regularize_normal(Qs[i], fws[i], valid[i], 0.2), rtol=1e-15)
+
+
+def test_specter_minweight_frac_is_specters():
+    # specter's ex2d_patch uses minweight = 1e-4 * max(fluxweight) (0.01 only before 2018),
+    # and solve_patch defaults to it
+    import inspect
+
+    from jaxspec.solve import solve_patch
+
+    assert SPECTER_MINWEIGHT_FRAC == 1e-4
+    assert inspect.signature(solve_patch).parameters["minweight_frac"].default == SPECTER_MINWEIGHT_FRAC

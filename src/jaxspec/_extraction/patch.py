@@ -14,6 +14,7 @@ mode), so every frame of one shape shares one compiled program.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -43,6 +44,32 @@ class _Static:
 
 def _round_up(n: int, m: int) -> int:
     return int(m * math.ceil(n / m))
+
+
+#: Static fields of the PSF models that only host code reads (the wavelength limits,
+#: for checks and default grids); the spots never do.  They follow from the traces,
+#: so every exposure's PSF file has its own values.
+_HOST_ONLY_STATIC = ("wmin", "wmax", "wmin_all", "wmax_all")
+
+
+def _kernel_psf(psf: PSF) -> PSF:
+    """``psf`` (the same arrays) with its host-only static fields at one fixed value.
+
+    A PSF's static fields are part of the compiled kernel's cache key, so without this
+    each exposure's PSF would trace and compile the kernel anew (seconds per frame);
+    with it, frames whose PSFs differ only in their traces share one program.  The
+    spots are unchanged: the kernel never reads these fields.
+    """
+    if not dataclasses.is_dataclass(psf):
+        return psf
+    names = [f.name for f in dataclasses.fields(psf)
+             if f.name in _HOST_ONLY_STATIC and f.metadata.get("static") and getattr(psf, f.name) != 0.0]
+    if not names:
+        return psf
+    out = copy.copy(psf)
+    for name in names:
+        object.__setattr__(out, name, 0.0)
+    return out
 
 
 def _patch_inputs(geom: PatchGeometry, origin: tuple[int, int], margin: tuple[int, int], nbin: int) -> dict[str, np.ndarray]:
@@ -78,7 +105,10 @@ def _solve_one_patch(psf: PSF, image, ivar, inputs, regularize, minweight_frac, 
     with jax.named_scope("spots"):
         fibers = inputs["fibers"][:, None]
         wave = inputs["wave"][None, :]
-        xmin, ymin, stamps = psf.spots(fibers, wave)
+        # placed as specter's xypix places them at the CCD's edges: a spot whose trace
+        # centre is off the CCD's rows is dropped, one whose corner falls below row or
+        # column 0 is a row (column) short (docs/concepts.md, "At the CCD's edges")
+        xmin, ymin, stamps = psf.spots(fibers, wave, edges="specter")
         valid = inputs["fiber_valid"][:, None] & inputs["wave_valid"][None, :]
         stamps = jnp.where(valid[..., None, None], stamps, 0.0)
         # corners in margin-box coordinates; a far-away spot is parked in the margin
@@ -89,8 +119,8 @@ def _solve_one_patch(psf: PSF, image, ivar, inputs, regularize, minweight_frac, 
     with jax.named_scope("pixels"):
         img = gather_box(image, inputs["y0"], inputs["x0"], static.box)
         iv = gather_box(ivar, inputs["y0"], inputs["x0"], static.box)
-        rows = jnp.arange(nbox_y)[:, None]
-        cols = jnp.arange(nbox_x)[None, :]
+        rows = jnp.arange(nbox_y, dtype=jnp.int32)[:, None]
+        cols = jnp.arange(nbox_x, dtype=jnp.int32)[None, :]
         inside = (rows >= ny) & (rows < ny + inputs["box_ny"]) & (cols >= nx) & (cols < nx + inputs["box_nx"])
         iv = jnp.where(inside, iv, 0.0)
         img = jnp.where(inside, img, 0.0)

@@ -92,15 +92,12 @@ def _check_ispec(psf: "PSF", ispec, method: str) -> None:
     """
     if isinstance(ispec, jax.core.Tracer):
         return
-    if isinstance(ispec, jax.Array):
-        if ispec.size == 0:
-            return
-        lo, hi = int(jnp.min(ispec)), int(jnp.max(ispec))
-    else:
-        a = np.asarray(ispec)
-        if a.size == 0 or a.dtype.kind not in "iuf":
-            return
-        lo, hi = int(np.min(a)), int(np.max(a))
+    # a concrete index (a number, a NumPy array, a JAX array closed over by a jitted
+    # function) is read on the host: JAX operations on it would be staged under jit
+    a = np.asarray(ispec)
+    if a.size == 0 or a.dtype.kind not in "iuf":
+        return
+    lo, hi = int(np.min(a)), int(np.max(a))
     if lo < 0 or hi >= psf.nspec:
         bad = lo if lo < 0 else hi
         raise FiberIndexError(
@@ -295,14 +292,14 @@ class PSF(eqx.Module):
         var = jnp.sum(prof * (rows - y[..., None]) ** 2, axis=-1) / jnp.sum(prof, axis=-1)
         return jnp.sqrt(var)
 
-    def angstroms_per_pixel(self, ispec: int, wave: ArrayLike) -> np.ndarray:
-        """Dispersion dw/dy [A per CCD row] of fiber ``ispec`` at ``wave`` (host)."""
+    def angstroms_per_pixel(self, ispec: int, wave: ArrayLike) -> np.ndarray | float:
+        """Dispersion dw/dy [A per CCD row] of fiber ``ispec`` at ``wave`` (host; a float for a scalar ``wave``)."""
         rows = np.arange(self.npix_y, dtype=float)
         ww = np.asarray(self.wavelength(ispec, rows))
         return np.interp(np.asarray(wave), ww, np.gradient(ww))
 
-    def wdisp(self, ispec: int, wave: ArrayLike) -> np.ndarray:
-        """Line-spread sigma [A] of fiber ``ispec`` at ``wave`` (host)."""
+    def wdisp(self, ispec: int, wave: ArrayLike) -> np.ndarray | float:
+        """Line-spread sigma [A] of fiber ``ispec`` at ``wave`` (host; a float for a scalar ``wave``)."""
         return self.angstroms_per_pixel(ispec, wave) * np.asarray(self.ysigma(ispec, wave))
 
     def specter_wave_range(self) -> tuple[float, float]:

@@ -27,8 +27,8 @@ _TAIL_NAMES = ("TAILAMP", "TAILCORE", "TAILXSCA", "TAILYSCA", "TAILINDE")
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def pixel_gauss_hermite(
     lo: Int[Array, "..."], centre: Float[Array, "..."], sigma: Float[Array, "..."], n: int, deg: int
-) -> Float[Array, "... deg+1 n"]:
-    """Pixel-integrated Gauss-Hermite functions of orders ``0 .. deg``.
+) -> Float[Array, "... norder n"]:
+    """Pixel-integrated Gauss-Hermite functions of orders ``0 .. deg`` (``norder = deg + 1``).
 
     Pixels ``lo .. lo + n - 1`` (edges at ``lo - 0.5 .. lo + n - 0.5``); order 0 is
     the integral of a unit Gaussian of width ``sigma`` centred on ``centre``; order
@@ -36,7 +36,8 @@ def pixel_gauss_hermite(
     edges (``He`` probabilists' Hermite polynomials, ``u = (edge - centre) / sigma``).
     The density and distribution at each edge share one ``exp`` (:mod:`._normal_dist`).
     """
-    edges = lo[..., None].astype(centre.dtype) - 0.5 + jnp.arange(n + 1, dtype=centre.dtype)
+    steps = jnp.arange(n + 1, dtype=centre.dtype).reshape((1,) * lo.ndim + (n + 1,))
+    edges = lo[..., None].astype(centre.dtype) - 0.5 + steps
     u = (edges - centre[..., None]) / sigma[..., None]
     cdf, phi = normal_cdf_pdf(u)
     # antiderivative of each order at the edges; the pixel values are their differences
@@ -264,6 +265,10 @@ class GaussHermitePSF(PSF):
         return _gh_stamps(self, ispec, wave, x, y, xmin, ymin)
 
     def _stamps_impl(self, ispec, wave, x, y, xmin, ymin) -> Float[Array, "... ny nx"]:
+        # one rank for both (leading ones), keeping each its own small shape
+        nd = max(jnp.ndim(ispec), jnp.ndim(wave))
+        ispec = jnp.reshape(ispec, (1,) * (nd - jnp.ndim(ispec)) + jnp.shape(ispec))
+        wave = jnp.reshape(wave, (1,) * (nd - jnp.ndim(wave)) + jnp.shape(wave))
         vals = traceset_eval_many(self.params[self._used_rows()], self.pdomain, ispec, wave)
         static = (self.stamp_shape, self.ghdegx, self.ghdegy)
         if not self.has_tails:
@@ -292,8 +297,9 @@ def _gh_stamp_values(static, tails: bool, vals, x, y, xmin, ymin) -> Float[Array
     img = sum(fyg[..., i, :, None] * fx[..., i, None, :] for i in range(dgx + 1))  # S + (ny, nx)
     if tails:
         amp, core, xsca, ysca, inde = (vals[..., k, None, None] for k in range(2 + ngh, 7 + ngh))
-        dx = (xmin[..., None] + jnp.arange(nx)) - x[..., None]
-        dy = (ymin[..., None] + jnp.arange(ny)) - y[..., None]
+        nd = xmin.ndim
+        dx = (xmin[..., None] + jnp.arange(nx, dtype=xmin.dtype).reshape((1,) * nd + (nx,))).astype(x.dtype) - x[..., None]
+        dy = (ymin[..., None] + jnp.arange(ny, dtype=ymin.dtype).reshape((1,) * nd + (ny,))).astype(y.dtype) - y[..., None]
         r2 = (dx[..., None, :] * xsca) ** 2 + (dy[..., :, None] * ysca) ** 2
         img = img + amp * r2 / (core**2 + r2) ** (1.0 + 0.5 * inde)
     img = jnp.clip(img, 0.0)

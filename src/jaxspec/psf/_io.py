@@ -106,7 +106,7 @@ def _check_domain(path, name: str, what: str, lo: float, hi: float) -> None:
         )
 
 
-def _table(path, hdul, name: str, columns: tuple[str, ...]):
+def _table(path, hdul, name: str | int, columns: tuple[str, ...]):
     """HDU ``name`` (an EXTNAME, or an index for PSFVER 2), checked to be a table with ``columns``."""
     hdu = _hdu(path, hdul, name) if isinstance(name, str) else hdul[name]
     label = name if isinstance(name, str) else str(name)

@@ -7,7 +7,8 @@ for bins whose ``fluxweight`` (column sum of ``W A``) is below
 zero data.  The normal matrix therefore gains ``Idiag**2`` on its diagonal (both
 terms squared) and ``y`` is unchanged.  gpu_specter instead adds ``regularize**2``
 or the *unsquared* ``minweight - fluxweight``; ``square_lowweight=False`` selects
-that convention.  specter uses ``minweight_frac = 0.01`` (gpu_specter ``1e-4``).
+that convention.  specter uses ``minweight_frac = 1e-4`` (since 2018; its first
+versions used 0.01), as does gpu_specter.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ from jaxtyping import Array, ArrayLike, Bool, Float
 
 __all__ = ["regularize_normal", "SPECTER_MINWEIGHT_FRAC"]
 
-#: ``minweight = 0.01 * max(fluxweight)`` in specter's ``ex2d_patch``.
-SPECTER_MINWEIGHT_FRAC = 0.01
+#: ``minweight = 1e-4 * max(fluxweight)`` in specter's ``ex2d_patch`` (and gpu_specter's).
+SPECTER_MINWEIGHT_FRAC = 1e-4
 
 
 def regularize_normal(
-    Q: Float[Array, "n n"],
-    fluxweight: Float[Array, " n"],
-    valid: Bool[Array, " n"],
+    Q: Float[ArrayLike, "n n"],
+    fluxweight: Float[ArrayLike, " n"],
+    valid: Bool[ArrayLike, " n"],
     regularize: float | Float[ArrayLike, ""] = 0.0,
     minweight_frac: float | Float[ArrayLike, ""] = SPECTER_MINWEIGHT_FRAC,
     square_lowweight: bool = True,
