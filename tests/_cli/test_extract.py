@@ -154,7 +154,8 @@ def test_extract_end_to_end_pulls_against_truth(e2e):
 def test_extract_frame_format(e2e):
     """HDUs, dtypes and shapes of the DESI frame format (as desispec.io.read_frame reads it)."""
     with fits.open(e2e["path"], uint=True) as hd:
-        assert [h.name for h in hd] == ["FLUX", "IVAR", "MASK", "WAVELENGTH", "RESOLUTION", "FIBERMAP", "CHI2PIX"]
+        assert [h.name for h in hd] == ["FLUX", "IVAR", "MASK", "WAVELENGTH", "RESOLUTION", "FIBERMAP", "CHI2PIX",
+                                         "SCORES"]
         for name in ("FLUX", "IVAR", "RESOLUTION", "CHI2PIX"):
             assert hd[name].data.dtype.kind == "f" and hd[name].data.dtype.itemsize == 4, name
         assert hd["MASK"].data.dtype == np.uint32
@@ -163,6 +164,24 @@ def test_extract_frame_format(e2e):
         assert hd["RESOLUTION"].data.shape == (NSPEC, 11, len(WAVE))
         hd.verify("exception")
         assert hd[0].verify_checksum() == 1 and hd["RESOLUTION"].verify_datasum() == 1
+
+
+def test_extract_frame_read_by_desispec(e2e):
+    """desispec's own reader: vet() == 0, the fibers of the sliced FIBERMAP, MASK and SCORES as desispec's."""
+    import importlib
+
+    def need(name):  # required in CI; skipped elsewhere without desispec
+        return importlib.import_module(name) if os.environ.get("CI") else pytest.importorskip(name)
+
+    dio, score = need("desispec.io"), need("desispec.specscore")
+    fr = dio.read_frame(str(e2e["path"]))
+    assert fr.vet() == 0
+    np.testing.assert_array_equal(fr.fibers, np.arange(SPECMIN, SPECMIN + NSPEC))
+    assert fr.meta["BUNIT"] == "electron/Angstrom" and fr.meta["WAVEGRID"] == "option"
+    theirs, _ = score.compute_frame_scores(fr, suffix="RAW", flux_per_angstrom=False)
+    assert set(theirs) == set(fr.scores.dtype.names) == {"SUM_RAW_COUNT_R", "MEDIAN_RAW_COUNT_R", "MEDIAN_RAW_SNR_R"}
+    for k, v in theirs.items():
+        np.testing.assert_allclose(fr.scores[k], v, rtol=1e-12, err_msg=k)
 
 
 def test_extract_header_keys_carried_and_recorded(e2e, sim):
@@ -286,8 +305,13 @@ def test_masked_fiber_and_bundle_give_ivar_zero_without_nan(masked):
     med = np.median(fr.ivar[:, 10:-10], axis=1)
     assert med[DEAD_FIBER - SPECMIN - 1] < 0.8 * med[DEAD_FIBER - SPECMIN - 3]
     assert med[DEAD_BUNDLE[0] - 1 - SPECMIN] > 0.8 * med[DEAD_BUNDLE[0] - 3 - SPECMIN]
-    # MASK is nonzero exactly where ivar is 0
-    np.testing.assert_array_equal(fr.mask != 0, fr.ivar == 0)
+    # MASK has bits other than SOMEBADPIX / BAD2DFIT (desispec's flags of bins that keep their
+    # ivar) exactly where ivar is 0; the dead fiber's neighbours, half masked, get SOMEBADPIX
+    from jaxspec._io import maskbits
+
+    kept = maskbits.bit("SOMEBADPIX") | maskbits.bit("BAD2DFIT")
+    np.testing.assert_array_equal((fr.mask & ~np.uint32(kept)) != 0, fr.ivar == 0)
+    assert np.any(fr.mask[DEAD_FIBER - SPECMIN - 1] & maskbits.bit("SOMEBADPIX"))
     assert np.all(fr.mask[dead] & _frameio.SPECMASK_ALLBADPIX)
     assert f"26 of {NSPEC} fibers have no unmasked pixels" in res["log"]
     assert f"{DEAD_FIBER}, {DEAD_BUNDLE[0]}-{DEAD_BUNDLE[-1]}" in res["log"]
@@ -469,10 +493,10 @@ def test_fibers_beyond_the_psf_and_bundle_options(tmp_path, psf_path, small_inpu
                                                           "fibers 0..499", "use --nspec 10 or less"])
     _bad(["-s", 500], tmp_path, psf, input=inp, expect=["--specmin 500", "fibers 0..499"])
     _bad(["-s", -1], tmp_path, psf, input=inp, expect=["--specmin -1"])
-    _bad(["-n", 30], tmp_path, psf, input=inp,
-         expect=["--nspec 30 must be a multiple of --bundlesize 25", "use --nspec 25"])
-    _bad(["--nsubbundles", 4], tmp_path, psf, input=inp,
-         expect=["--bundlesize 25 must be a multiple of --nsubbundles 4", "[1, 5, 25]"])
+    # partial bundles (-n 30) and subbundles that do not divide the bundle (--nsubbundles 4) are
+    # extracted as specter does (issue 14; tests/_extraction/test_specter_edges.py); more
+    # subbundles than fibers in a bundle is refused
+    _bad(["--nsubbundles", 26], tmp_path, psf, input=inp, expect=["--nsubbundles 26", "at most --bundlesize (25)"])
     _bad(["--bundlesize", 0], tmp_path, psf, input=inp, expect=["--bundlesize 0", "positive"])
     _bad(["--nsubbundles", 0], tmp_path, psf, input=inp, expect=["--nsubbundles 0", "positive"])
     _bad(["--nwavestep", 0], tmp_path, psf, input=inp, expect=["--nwavestep 0", "positive"])
@@ -558,3 +582,66 @@ def test_console_script_help_and_version():
                 "--psferr", "--decorrelate {signal,full}", "--overwrite", "--loglevel", "--device {cpu,gpu}",
                 "--quiet"):
         assert opt in res.stdout, opt
+
+
+# --------------------------------------------------------------------------- desi_extract_spectra's options
+#: Every option of desispec 0.70's desi_extract_spectra (scripts/extract.py parse()), with a value, and
+#: what jaxspec makes of it: attributes of the parsed arguments and of the FrameOptions, or a refusal.
+DESI_OPTIONS = [
+    (["-i", "IN"], {"input": "IN"}, {}),
+    (["-f", "FMAP"], {"fibermap": "FMAP"}, {"fibermap": "FMAP"}),
+    (["-p", "PSF"], {"psf": "PSF"}, {}),
+    (["-o", "OUT"], {"output": "OUT"}, {}),
+    (["-m", "MODEL"], {"model": "MODEL"}, {}),
+    (["-w", "5760,7620,0.8"], {}, {"wavelength": (5760.0, 7620.0, 0.8)}),
+    (["-s", "25"], {}, {"specmin": 25}),
+    (["-n", "50"], {}, {"nspec": 50}),
+    (["-r", "0.5"], {}, {"extraction.regularize": 0.5}),
+    (["--bundlesize", "20"], {}, {"extraction.bundlesize": 20}),
+    (["--nsubbundles", "4"], {}, {"extraction.nsubbundles": 4}),
+    (["--nwavestep", "30"], {}, {"extraction.nwavestep": 30}),
+    (["-v"], {"loglevel": "DEBUG"}, {}),
+    (["--mpi"], {"mpi": "on"}, {}),
+    (["--decorrelate-fibers"], {}, {"extraction.decorrelate": "full"}),
+    (["--no-scores"], {}, {"scores": False}),
+    (["--psferr", "0.04"], {}, {"extraction.psferr": 0.04}),
+    (["--barycentric-correction"], {}, {"barycentric": True}),
+    (["--use-specter"], "jaxspec is the extraction", None),
+    (["--no-gpu"], {"device": "cpu"}, {}),
+    (["--pixpad-frac", "0.5"], {}, {"extraction.pixpad_frac": 0.5}),
+    (["--wavepad-frac", "0.1"], {}, {"extraction.wavepad_frac": 0.1}),
+    (["--fibermap-first-row", "3"], "matched by their FIBER column", None),  # desispec < 0.70
+]
+
+
+def test_every_desi_extract_spectra_option(tmp_path, capsys):
+    """Each option of desi_extract_spectra: accepted with its meaning, or refused saying what to use instead."""
+    fmap = tmp_path / "FMAP"
+    fmap.write_bytes(b"")
+    base = ["extract", "-i", "IN", "-p", "PSF", "-o", "OUT"]
+    defaults = _cli.build_parser().parse_args(base)
+    d_opts = _cli_common.frame_options(defaults)
+    assert (defaults.loglevel, defaults.mpi, d_opts.scores, d_opts.barycentric, d_opts.fibermap) == \
+        ("INFO", "auto", True, False, None)
+    assert (d_opts.extraction.nsubbundles, d_opts.extraction.bundlesize, d_opts.extraction.nwavestep) == (5, 25, 50)
+    assert d_opts.wavelength is None and d_opts.mask_rule == "desispec"  # the camera's grid; desispec's mask bits
+    for opt, parsed, options in DESI_OPTIONS:
+        argv = base + [str(fmap) if v == "FMAP" else v for v in opt]
+        if isinstance(parsed, str):  # refused: argparse's exit 2 with the message
+            with pytest.raises(SystemExit) as exc:
+                _cli.build_parser().parse_args(argv)
+            assert exc.value.code == 2
+            err = capsys.readouterr().err
+            assert f"{opt[0]} is not supported: " in err and parsed in err, err
+            continue
+        args = _cli.build_parser().parse_args(argv)
+        fo = _cli_common.frame_options(args)
+        for k, v in parsed.items():
+            assert getattr(args, k) == (str(fmap) if v == "FMAP" else v), (opt, k)
+        for k, v in options.items():
+            obj = fo
+            for part in k.split("."):
+                obj = getattr(obj, part)
+            assert obj == (str(fmap) if v == "FMAP" else v), (opt, k, obj)
+    args = _cli.build_parser().parse_args(base + ["--strict-mask"])
+    assert _cli_common.frame_options(args).mask_rule == "any"
