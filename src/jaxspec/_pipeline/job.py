@@ -13,6 +13,13 @@ and write the last one while the device works on this one) without a second copy
 3. :func:`compute` - the extraction (all fibers, or one rank's bundles), host arrays;
 4. :func:`write` - the frame (and model) through the one atomic writer.
 
+What DESI's pipeline relies on happens here, once, for both commands: the default
+grid of the camera (:data:`CAMERA_GRIDS`), the input mask bits
+(:mod:`jaxspec._io.maskbits`), the fibermap (``--fibermap`` or the preproc's,
+sliced to the fibers), the barycentric correction (HELIOCOR), and in :func:`write`
+the output mask bits and the SCORES table.  :mod:`jaxspec._pipeline.ranks` runs
+the same steps with one frame's bundles over MPI ranks.
+
 :func:`run_frame` runs all four in turn.  Errors are :class:`ValueError` /
 :class:`OSError` whose messages name the file and the option (``labels`` gives the
 names: the command line's flags by default).
@@ -30,12 +37,17 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from .._extraction.options import ExtractOptions, OptionError, check_fibers, wave_grid_size
-from .._io import frames
+from .._io import frames, maskbits
 
 log = logging.getLogger("jaxspec")
 
-__all__ = ["FrameJob", "FrameOptions", "Prepared", "PsfCache", "check_paths", "compute", "prepare", "run_frame",
-           "wave_grid", "write"]
+__all__ = ["CAMERA_GRIDS", "FrameJob", "FrameOptions", "Prepared", "PsfCache", "check_paths", "compute",
+           "default_grid", "fetch_arrays", "prepare", "run_frame", "wave_grid", "write"]
+
+#: The grid desi_proc passes to the extraction of each arm: (wmin, wmax, dw) [A], end point included.
+CAMERA_GRIDS: dict[str, tuple[float, float, float]] = {
+    "b": (3600.0, 5800.0, 0.8), "r": (5760.0, 7620.0, 0.8), "z": (7520.0, 9824.0, 0.8),
+}
 
 #: How the job's files are named in messages: the command line's flags.
 CLI_LABELS = {"image": "--input", "psf": "--psf", "output": "--output", "model": "--model"}
@@ -57,12 +69,21 @@ class FrameOptions:
 
     Attributes:
         wavelength: ``(wmin, wmax, dw)`` [A], end point included, or None for the
-            PSF's common range at 0.8 A.
+            camera's grid (:data:`CAMERA_GRIDS`, CAMERA of the preproc or the PSF),
+            else the PSF's common range at 0.8 A.
         specmin: first fiber.
         nspec: number of fibers, or None for the PSF's last.
         extraction: the patch and solve options.
         allow_camera_mismatch: extract even when the preproc's CAMERA is not the
             PSF's (the default refuses: the wrong PSF gives wrong spectra).
+        fibermap: a file whose FIBERMAP to use (desi_extract_spectra's
+            ``--fibermap``), or None for the preproc's (else none).
+        barycentric: extract at ``wave / HELIOCOR`` and write HELIOCOR
+            (``--barycentric-correction``).
+        scores: write the SCORES table (``--no-scores`` turns it off).
+        mask_rule: which preproc MASK values zero a pixel's ivar: ``"desispec"``
+            (the extraction bits, :data:`jaxspec._io.maskbits.EXTRACT_MASK`) or
+            ``"any"`` (any nonzero value).
     """
 
     wavelength: tuple[float, float, float] | None = None
@@ -70,6 +91,10 @@ class FrameOptions:
     nspec: int | None = None
     extraction: ExtractOptions = ExtractOptions()
     allow_camera_mismatch: bool = False
+    fibermap: str | None = None
+    barycentric: bool = False
+    scores: bool = True
+    mask_rule: str = "desispec"
 
     def __post_init__(self):
         if self.wavelength is not None:
@@ -80,14 +105,28 @@ class FrameOptions:
             raise TypeError(f"extraction must be an ExtractOptions, not {type(self.extraction).__name__}")
         if isinstance(self.specmin, bool) or not isinstance(self.specmin, (int, np.integer)) or self.specmin < 0:
             raise OptionError("specmin", self.specmin, "must be a fiber number >= 0")
+        if self.mask_rule not in maskbits.MASK_RULES:
+            raise OptionError("mask_rule", self.mask_rule,
+                              "choose 'desispec' (the pipeline's extraction bits) or 'any' (every nonzero MASK)")
+        if self.fibermap is not None:
+            object.__setattr__(self, "fibermap", os.fspath(self.fibermap))
 
 
-def wave_grid(psf, spec: tuple[float, float, float] | None) -> np.ndarray:
-    """The extraction grid [A]: ``spec = (wmin, wmax, dw)`` or the PSF's common range at 0.8 A."""
-    if spec is None:
-        wmin, wmax, dw = float(np.ceil(psf.wmin_all)), float(np.floor(psf.wmax_all)), 0.8
-    else:
-        wmin, wmax, dw = spec
+def default_grid(psf, camera: str | None) -> tuple[tuple[float, float, float], str]:
+    """``((wmin, wmax, dw), source)``: the camera's grid (:data:`CAMERA_GRIDS`), else the PSF's range.
+
+    ``camera`` is e.g. ``"r0"`` (its arm letter is used) or None; ``source`` says
+    which (``"camera r"`` or ``"psf"``).
+    """
+    arm = (camera or "")[:1].lower()
+    if arm in CAMERA_GRIDS:
+        return CAMERA_GRIDS[arm], f"camera {arm}"
+    return (float(np.ceil(psf.wmin_all)), float(np.floor(psf.wmax_all)), 0.8), "psf"
+
+
+def wave_grid(psf, spec: tuple[float, float, float] | None, camera: str | None = None) -> np.ndarray:
+    """The extraction grid [A]: ``spec = (wmin, wmax, dw)``, else :func:`default_grid`."""
+    wmin, wmax, dw = spec if spec is not None else default_grid(psf, camera)[0]
     n = wave_grid_size(wmin, wmax, dw)
     return wmin + dw * np.arange(n)
 
@@ -159,13 +198,19 @@ class Prepared:
     Attributes:
         job, options: what was asked.
         psf: the PSF model.
-        wave: (nwave,) grid [A].
+        wave: (nwave,) grid the extraction runs on [A] (the detector's: the frame's
+            grid divided by HELIOCOR).
         specmin, nspec: the fibers.
         image, ivar: (ny, nx) pixels and inverse variance (host or device arrays).
         xyrange: where the image sits on the CCD, ``(0, nx, 0, ny)``.
         header: the preproc header (carried into the frame).
         fibermap: the FIBERMAP rows of the fibers, or None.
         read_s: seconds spent reading and checking.
+        frame_wave: (nwave,) grid written to the frame [A] (barycentric with
+            HELIOCOR; None: ``wave``).
+        wave_source: where the grid came from: ``"option"``, ``"camera r"``, ``"psf"``.
+        heliocor: the barycentric factor (1: none).
+        orig_psf: the PSF the PSF file was shifted from (its IN_PSF), or None.
     """
 
     job: FrameJob
@@ -180,19 +225,47 @@ class Prepared:
     header: object
     fibermap: object
     read_s: float
+    frame_wave: np.ndarray | None = None
+    wave_source: str = "option"
+    heliocor: float = 1.0
+    orig_psf: str | None = None
 
 
-def _pick_fibermap(fibermap, specmin: int, nspec: int, path: str):
-    """The FIBERMAP rows of fibers specmin..specmin+nspec-1 (desispec slices rows), or None."""
+def _spectrograph(camera: str | None) -> int | None:
+    """'r3' -> 3 (None when unknown)."""
+    if camera and len(camera) >= 2 and camera[1:].isdigit():
+        return int(camera[1:])
+    return None
+
+
+def _pick_fibermap(fibermap, specmin: int, nspec: int, path: str, camera: str | None = None,
+                   required: bool = False, label: str = "--input"):
+    """The FIBERMAP rows of fibers specmin..specmin+nspec-1, or None.
+
+    With a FIBER column holding every fiber ``500 * spectrograph + specmin + i`` of
+    this camera once, those rows (a whole-exposure fibermap works too); otherwise
+    rows ``specmin .. specmin + nspec - 1`` (desispec slices rows); a table of
+    ``nspec`` rows is taken as it is.  Too few rows: a warning and None, or with
+    ``required`` (the user named the file) a ValueError.
+    """
     if fibermap is None:
         return None
     n = len(fibermap)
+    sp = _spectrograph(camera)
+    if "FIBER" in fibermap.colnames and sp is not None:
+        fibers = np.asarray(fibermap["FIBER"])
+        want = sp * frames._FIBERS_PER_SPECTROGRAPH + specmin + np.arange(nspec)
+        rows = [np.flatnonzero(fibers == f) for f in want]
+        if all(len(r) == 1 for r in rows):
+            return fibermap[np.array([int(r[0]) for r in rows])]
     if n == nspec:
         return fibermap
     if n >= specmin + nspec:
         return fibermap[specmin:specmin + nspec]
-    log.warning("FIBERMAP of %s has %d rows, too few for fibers %d..%d: the frame is written without FIBERMAP",
-                path, n, specmin, specmin + nspec - 1)
+    text = f"FIBERMAP of {path} has {n} rows, too few for fibers {specmin}..{specmin + nspec - 1}"
+    if required:
+        raise ValueError(f"{label} {path}: {text}; give the fibermap of this exposure (or leave {label} out)")
+    log.warning("%s: the frame is written without FIBERMAP", text)
     return None
 
 
@@ -216,14 +289,20 @@ def prepare(job: FrameJob, options: FrameOptions, psfs: PsfCache | None = None, 
     specmin, nspec = check_fibers(options.specmin, options.nspec, psf.nspec, options.extraction.bundlesize)
     if specmin % options.extraction.bundlesize:
         log.warning("--specmin %d does not start a bundle of %d fibers", specmin, options.extraction.bundlesize)
-    wave = wave_grid(psf, options.wavelength)
-    try:
-        psf.check_wavelengths(wave)
-    except ValueError as err:
-        raise OptionError("wavelength", f"{wave[0]:g},{wave[-1]:g},{wave[1] - wave[0]:g}",
-                          f"{err}; choose wmin,wmax inside {psf.wmin:.1f},{psf.wmax:.1f} of {labels['psf']} "
-                          f"{job.psf} (or leave --wavelength out for the PSF's common range)") from None
-    pre = frames.read_preproc(job.image)
+
+    def check_grid(wave, spec, source):
+        try:
+            psf.check_wavelengths(wave)
+        except ValueError as err:
+            hint = ("or leave --wavelength out for the camera's grid" if source == "option" else
+                    f"the {source} default grid does not fit this PSF; give --wavelength")
+            raise OptionError("wavelength", f"{spec[0]:g},{spec[1]:g},{spec[2]:g}",
+                              f"{err}; choose wmin,wmax inside {psf.wmin:.1f},{psf.wmax:.1f} of {labels['psf']} "
+                              f"{job.psf} ({hint})") from None
+
+    if options.wavelength is not None:  # an option's error before any image is read
+        check_grid(wave_grid(psf, options.wavelength), options.wavelength, "option")
+    pre = frames.read_preproc(job.image, mask_rule=options.mask_rule)
     ccd = (psf.npix_y, psf.npix_x)
     if pre.image.shape[0] > ccd[0] or pre.image.shape[1] > ccd[1]:
         raise ValueError(
@@ -241,9 +320,41 @@ def prepare(job: FrameJob, options: FrameOptions, psfs: PsfCache | None = None, 
             raise ValueError(f"{text}: use the PSF of camera {cam_in} (or --allow-camera-mismatch if a header is "
                              "wrong)")
         log.warning("%s", text)
+    camera = cam_in or cam_psf
+
+    # ---- the grid: the option's, else the camera's (as desi_proc passes it), else the PSF's
+    if options.wavelength is not None:
+        spec, source = options.wavelength, "option"
+    else:
+        spec, source = default_grid(psf, camera)
+        log.info("wavelength grid %g-%g A step %g from %s (give --wavelength to choose another)", *spec,
+                 f"the {source} default" if source != "psf" else "the PSF's range (camera unknown)")
+    frame_wave = np.asarray(wave_grid(psf, spec))
+
+    # ---- the fibermap: --fibermap's, else the preproc's, else none
+    if options.fibermap is not None:
+        fibermap = _pick_fibermap(frames.read_fibermap(options.fibermap), specmin, nspec, options.fibermap,
+                                  camera, required=True, label="--fibermap")
+    else:
+        fibermap = _pick_fibermap(pre.fibermap, specmin, nspec, job.image, camera)
+
+    # ---- the barycentric correction: extract at the detector's wavelengths, label barycentric
+    heliocor = 1.0
+    if options.barycentric:
+        from .._io.barycentric import barycentric_factor
+
+        meta = pre.header
+        if not any(k in meta for k in ("RA", "TARGTRA")) and fibermap is not None and \
+                any(k in fibermap.meta for k in ("RA", "TARGTRA")):
+            meta, where = fibermap.meta, f"FIBERMAP header of {options.fibermap or job.image}"
+        else:
+            where = f"{labels['image']} {job.image}"
+        heliocor = barycentric_factor(meta, where)
+        log.info("barycentric correction: HELIOCOR = %.9f (extracting at wave / HELIOCOR)", heliocor)
+    wave = frame_wave / heliocor if heliocor != 1.0 else frame_wave
+    check_grid(wave, spec, source)
     if not np.any(pre.ivar > 0):
         log.warning("%s: every pixel is masked (IVAR 0); the frame will have ivar 0 everywhere", job.image)
-    fibermap = _pick_fibermap(pre.fibermap, specmin, nspec, job.image)
     image, ivar = pre.image, pre.ivar
     if device_put:
         import jax
@@ -251,12 +362,21 @@ def prepare(job: FrameJob, options: FrameOptions, psfs: PsfCache | None = None, 
         image, ivar = jax.device_put(image), jax.device_put(ivar)
     return Prepared(job, options, psf, np.asarray(wave), specmin, nspec, image, ivar,
                     (0, pre.image.shape[1], 0, pre.image.shape[0]), pre.header, fibermap,
-                    time.perf_counter() - t0)
+                    time.perf_counter() - t0, frame_wave=frame_wave, wave_source=source, heliocor=heliocor,
+                    orig_psf=frames.psf_input(job.psf))
 
 
 def compute(prep: Prepared, first: int | None = None, n: int | None = None, *, solve_chunk: Callable | None = None,
-            chunk_size: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
+            chunk_size: int | None = None, progress: Callable[[int, int], None] | None = None,
+            geometry=None, fetch: bool = True) -> dict:
     """Step 3: extract fibers ``first .. first + n - 1`` (default: all of the job's).
+
+    Args:
+        geometry: the patch geometry of exactly these fibers, grid and options
+            (the batch reader cuts it ahead, beside the previous frame's device
+            work); None cuts it here.
+        fetch: False returns the device arrays as soon as the work is queued
+            (JAX's dispatch is asynchronous); :func:`fetch_arrays` brings them to the host.
 
     Returns:
         Host arrays ``wave, flux, ivar, resolution, chi2pix, pixmask_fraction`` and,
@@ -273,12 +393,18 @@ def compute(prep: Prepared, first: int | None = None, n: int | None = None, *, s
         opts = opts.replace(chunk_size=chunk_size)
     want_model = prep.job.model is not None
     ex = extract(prep.image, prep.ivar, prep.psf, prep.wave, specmin=first, nspec=n, xyrange=prep.xyrange,
-                 options=opts, model=want_model, progress=progress, solve_chunk=solve_chunk)
+                 options=opts, model=want_model, geometry=geometry, progress=progress, solve_chunk=solve_chunk)
     names = ["flux", "ivar", "resolution", "chi2pix", "pixmask_fraction"] + (["model"] if want_model else [])
-    out = jax.device_get({k: getattr(ex, k) for k in names})
-    out = {k: np.asarray(v) for k, v in out.items()}
-    out["wave"] = np.asarray(ex.wave)
-    return out
+    out = {k: getattr(ex, k) for k in names}
+    out["wave"] = ex.wave
+    return fetch_arrays(out) if fetch else out
+
+
+def fetch_arrays(arrays: dict) -> dict:
+    """The arrays of ``compute(..., fetch=False)`` on the host (waits for the device)."""
+    import jax
+
+    return {k: np.asarray(v) for k, v in jax.device_get(arrays).items()}
 
 
 def _ranges(values) -> str:
@@ -303,11 +429,25 @@ def write(prep: Prepared, arrays: dict, overwrite: bool = False) -> str:
     if dead.size:
         log.warning("%d of %d fibers have no unmasked pixels (ivar 0, MASK set in the frame): %s",
                     dead.size, prep.nspec, _ranges(prep.specmin + dead))
+    wave = prep.wave if prep.frame_wave is None else prep.frame_wave
+    mask = maskbits.frame_mask(arrays["pixmask_fraction"], arrays["chi2pix"], arrays["ivar"])
+    header = prep.header.copy()
+    header["WAVEGRID"] = (prep.wave_source, "source of the wavelength grid")
+    header["MASKRULE"] = (prep.options.mask_rule, "input MASK bits that zero ivar")
+    if prep.heliocor != 1.0:
+        header["HELIOCOR"] = (float(prep.heliocor), "barycentric correction factor")
+    if prep.orig_psf is not None:
+        header["ORIG_PSF"] = prep.orig_psf
+    # scored on the float32 values the file holds: what any reader of the frame recomputes
+    scores = (frames.frame_scores(wave, np.asarray(arrays["flux"], np.float32), np.asarray(arrays["ivar"], np.float32))
+              if prep.options.scores else None)
+    if prep.options.scores and not scores:
+        log.warning("no SCORES: the grid %.1f-%.1f A misses the arm's score range", wave[0], wave[-1])
     path = frames.write_frame(
-        prep.job.output, wave=arrays["wave"], flux=arrays["flux"], ivar=arrays["ivar"],
-        resolution=arrays["resolution"], chi2pix=arrays["chi2pix"], fibermap=prep.fibermap, header=prep.header,
+        prep.job.output, wave=wave, flux=arrays["flux"], ivar=arrays["ivar"], mask=mask,
+        resolution=arrays["resolution"], chi2pix=arrays["chi2pix"], fibermap=prep.fibermap, header=header,
         specmin=prep.specmin, input_path=prep.job.image, psf_path=prep.job.psf,
-        options=prep.options.extraction.header_cards(prep.psf.psferr), overwrite=overwrite,
+        options=prep.options.extraction.header_cards(prep.psf.psferr), scores=scores, overwrite=overwrite,
     )
     if prep.job.model is not None:
         frames.write_model(prep.job.model, arrays["model"], header=prep.header, overwrite=overwrite)
