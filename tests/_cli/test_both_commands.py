@@ -48,21 +48,21 @@ def _case(d: Path, name: str, image: str, psf: str) -> dict:
     out = {"ok": (image, psf, None)}
     # a FIBERMAP of 10 rows for 50 fibers: written without FIBERMAP, with a log line, by both
     p = d / f"{name}-fibermap10.fits"
-    _frameio.write_preproc(p, pre.image, pre.ivar, header={"CAMERA": "r0"},
+    _frameio.write_preproc(p, pre.image, pre.ivar, header={"CAMERA": "r0", "FLAVOR": "science"},
                            fibermap=Table({"FIBER": np.arange(10)}), overwrite=True)
     out["fibermap10"] = (str(p), psf, None)
     # a camera mismatch: refused by both
     p = d / f"{name}-b1.fits"
-    _frameio.write_preproc(p, pre.image, pre.ivar, header={"CAMERA": "b1"}, overwrite=True)
+    _frameio.write_preproc(p, pre.image, pre.ivar, header={"CAMERA": "b1", "FLAVOR": "science"}, overwrite=True)
     out["camera"] = (str(p), psf, "is camera b1 but")
     # an image larger than the PSF's CCD: refused by both
     p = d / f"{name}-huge.fits"
     big = np.zeros((pre.image.shape[0] + 5, pre.image.shape[1]))
-    _frameio.write_preproc(p, big, np.ones_like(big), header={"CAMERA": "r0"}, overwrite=True)
+    _frameio.write_preproc(p, big, np.ones_like(big), header={"CAMERA": "r0", "FLAVOR": "science"}, overwrite=True)
     out["huge"] = (str(p), psf, "larger than the")
     # every pixel masked: written (ivar 0 everywhere) by both
     p = d / f"{name}-masked.fits"
-    _frameio.write_preproc(p, pre.image, np.zeros_like(pre.ivar), header={"CAMERA": "r0"}, overwrite=True)
+    _frameio.write_preproc(p, pre.image, np.zeros_like(pre.ivar), header={"CAMERA": "r0", "FLAVOR": "science"}, overwrite=True)
     out["masked"] = (str(p), psf, None)
     # a missing input
     out["missing"] = (str(d / "nope.fits"), psf, "no such file")
