@@ -1,8 +1,9 @@
 """CPU time of jaxspec on the specter reference cases, next to specter's own (EXTIME).
 
-Each case (25 fibers x 200 wavelengths of psf-r0-00067784.fits) is extracted four
-times: the first call includes compilation; the median of the other three is the
-warm time compared with the EXTIME that specter recorded on the same machine class.
+Each case (25 fibers x 200 wavelengths of psf-r0-00067784.fits) is extracted
+``--repeat`` + 1 times: the first call includes compilation; the median and the
+minimum of the others are the warm times compared with the EXTIME that specter
+recorded on the same machine class (on a shared machine, quote the minimum).
 
     python benchmarks/reference_cases.py [--shared ../shared]
 """
@@ -48,9 +49,11 @@ def main() -> None:
             jax.block_until_ready(ex.flux)
             times.append(time.perf_counter() - t0)
         warm = float(np.median(times[1:]))
+        best = float(min(times[1:]))
         spec = float(hdr["EXTIME"])
-        print(f"{name}: first (with compilation) {times[0]:.2f} s, warm median {warm:.2f} s; "
-              f"specter {spec:.2f} s -> {spec / warm:.1f}x faster")
+        # on a shared machine the minimum is the figure (the median carries the neighbours' load)
+        print(f"{name}: first (with compilation) {times[0]:.2f} s, warm median {warm:.2f} s, min {best:.2f} s; "
+              f"specter {spec:.2f} s -> {spec / warm:.1f}x faster (median), {spec / best:.1f}x (min)")
 
 
 if __name__ == "__main__":

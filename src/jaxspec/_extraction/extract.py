@@ -19,11 +19,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float
 
 from .geometry import PatchGeometry, patch_geometry
 from .options import ExtractOptions
-from .patch import _patch_inputs, _round_up, _solve_chunk, _Static, default_chunk_size
+from .patch import _kernel_psf, _patch_inputs, _round_up, _solve_chunk, _Static, default_chunk_size
 from ..psf import PSF
 
 
@@ -126,10 +126,10 @@ def _resolve_options(options: ExtractOptions | None, old: dict, where: str) -> E
 
 
 def extract(
-    image: Float[Array, "ny nx"],
-    ivar: Float[Array, "ny nx"],
+    image: Float[ArrayLike, "ny nx"],
+    ivar: Float[ArrayLike, "ny nx"],
     psf: PSF,
-    wave: Float[Array, " nwave"],
+    wave: Float[ArrayLike, " nwave"],
     *,
     specmin: int = 0,
     nspec: int = 25,
@@ -209,8 +209,8 @@ def patch_geometry_for(psf: PSF, wave, specmin: int, nspec: int, options: Extrac
 
 
 def extract_patches(
-    image: Float[Array, "ny nx"],
-    ivar: Float[Array, "ny nx"],
+    image: Float[ArrayLike, "ny nx"],
+    ivar: Float[ArrayLike, "ny nx"],
     psf: PSF,
     geom: PatchGeometry,
     *,
@@ -298,15 +298,16 @@ def extract_patches(
 
     if progress is not None:
         progress(0, npatch)
+    kpsf = _kernel_psf(psf)  # one compiled program for every exposure's PSF of a camera
     for c in range(nchunk):
         chunk_inputs, tgt = _take_chunk(stacked, targets, c)
-        res = solve_chunk(psf, canvas_img, canvas_ivar, chunk_inputs, regularize, minweight_frac, psferr, static)
+        res = solve_chunk(kpsf, canvas_img, canvas_ivar, chunk_inputs, regularize, minweight_frac, psferr, static)
         out = _stitch(out, res, tgt)
         if progress is not None:
             progress(min((c + 1) * chunk, npatch), npatch)
 
     shape = (geom.nspec, nwave)
-    dw = np.gradient(geom.wave)
+    dw = np.gradient(geom.wave)[None, :]
     flux = out["flux"].reshape(shape) / dw
     ivar_out = out["ivar"].reshape(shape) * dw**2
     xflux = out["xflux"].reshape(shape) / dw

@@ -8,15 +8,18 @@ A batch is a list of :class:`FrameJob` (preproc image, PSF file, output frame fi
 * shares the rest out over MPI ranks in rounds of one frame per rank; a last round
   with fewer frames than ranks splits each frame's bundles over a group of ranks,
   whose results are gathered (mpi4jax) to the group's first rank, which writes;
-* on each rank, reads the next frame and writes the previous one in two threads
-  while the current one is on the device (``overlap=True``), and shards the patch
-  solve over the rank's devices when it has several;
+* on each rank (``overlap=True``), reads the next frames and cuts their patch
+  geometry in reader threads (on JAX's CPU device, so that nothing they evaluate
+  queues behind the accelerator's work), writes the previous ones in writer
+  threads, and queues each frame's device work before fetching the previous frame's
+  results; it shards the patch solve over the rank's devices when it has several;
 * records a failure per frame (unreadable input, bad PSF, write error, ...) without
   stopping the others, and returns a :class:`BatchSummary` (the same on every rank).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob as _glob
 import json
@@ -138,7 +141,10 @@ class BatchSummary:
         seconds: wall time of the run.
         ranks, devices: ranks, and devices per rank.
         records: one dict per attempted frame: index, image, output, status
-            ('ok' or 'failed'), error, rank, read_s, compute_s, write_s.
+            ('ok' or 'failed'), error, rank, read_s (checks and reading), geometry_s
+            (cutting the patches; 0 when cached), wait_s (the main thread waiting for
+            the readers), compute_s (the main thread's time on the frame: dispatch and
+            waiting for its results), write_s.
     """
 
     total: int
@@ -201,10 +207,128 @@ def plan(pending: Sequence[int], size: int) -> list[list[_Unit]]:
 
 
 # ----------------------------------------------------------------------------- read / compute / write
-def _load(frame: job.FrameJob, opts: job.FrameOptions, psfs: job.PsfCache) -> job.Prepared:
-    """Read and check one frame (the checks of ``jaxspec extract``), its pixels placed on the device."""
-    job.check_paths(frame, overwrite=True, labels=_LABELS)
-    return job.prepare(frame, opts, psfs, labels=_LABELS, device_put=True)
+@dataclasses.dataclass
+class _Loaded:
+    """One unit read, checked and cut, its pixels and PSF on the compute device.
+
+    Attributes:
+        prep: the frame job's :class:`~jaxspec._pipeline.job.Prepared` (PSF, image,
+            ivar on the device).
+        first, n: the fibers of this unit.
+        geometry: their patch geometry (None when n is 0).
+        geometry_s: seconds spent cutting it (0 when it came from the cache).
+    """
+
+    prep: job.Prepared
+    first: int
+    n: int
+    geometry: object
+    geometry_s: float
+
+
+def _host_device():
+    """JAX's CPU device, or None when this JAX has none."""
+    import jax
+
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:
+        return None
+
+
+class _Loader:
+    """Reads and prepares units for the compute (thread-safe; the reader threads share one).
+
+    ``device``: where the pixels and the PSF go; None (the batch's choice) for the
+    process's default device, uncommitted, as ``jaxspec extract`` places them.
+
+    Per unit: the path checks and :func:`jaxspec._pipeline.job.prepare` (PSF through a
+    cache, preproc, every check), then the unit's patch geometry.  All of it runs with
+    JAX's CPU device as the default device: the PSF's small evaluations (its inverse
+    traces, the geometry's trace positions) then never queue behind the accelerator's
+    kernels of the frame being computed, which would serialise them with it.  The
+    pixels and the PSF are then placed on ``device``.  Geometries and device copies of
+    the PSF are kept for the last few PSF objects (frames that share a PSF file cut
+    one geometry).
+    """
+
+    def __init__(self, jobs, opts: job.FrameOptions, device=None, cache_size: int = 4):
+        self.jobs, self.opts, self.device = jobs, opts, device
+        self.host = _host_device()
+        self.psfs = job.PsfCache(cache_size)
+        self._lock = threading.Lock()
+        self._size = cache_size
+        self._geoms: dict = {}
+        self._on_device: dict = {}
+
+    def get(self, path: str):
+        """The PSF of ``path`` (the :class:`~jaxspec._pipeline.job.PsfCache` protocol, locked)."""
+        with self._lock:
+            return self.psfs.get(path)
+
+    def _remember(self, store: dict, key, value):
+        with self._lock:
+            store[key] = value
+            while len(store) > self._size:
+                store.pop(next(iter(store)))
+
+    def _geometry(self, psf, wave, first: int, n: int):
+        from .._extraction.extract import patch_geometry_for
+
+        ex = self.opts.extraction
+        key = (id(psf), wave.tobytes(), first, n, ex.bundlesize, ex.nsubbundles, ex.nwavestep, ex.wavepad_frac,
+               ex.pixpad_frac)
+        hit = self._geoms.get(key)
+        if hit is not None and hit[0] is psf:
+            return hit[1], 0.0
+        t0 = time.perf_counter()
+        geom = patch_geometry_for(psf, wave, first, n, ex)
+        self._remember(self._geoms, key, (psf, geom))
+        return geom, time.perf_counter() - t0
+
+    def _placed(self, psf):
+        """``psf`` with its arrays on the compute device (one copy per PSF object)."""
+        import jax
+
+        hit = self._on_device.get(id(psf))
+        if hit is not None and hit[0] is psf:
+            return hit[1]
+        placed = jax.tree_util.tree_map(lambda a: self._put(a) if isinstance(a, jax.Array) else a, psf)
+        self._remember(self._on_device, id(psf), (psf, placed))
+        return placed
+
+    def _put(self, a):
+        """``a`` on the compute device: uncommitted on the default device when ``device`` is None.
+
+        Uncommitted, as ``jaxspec extract`` has its inputs, so that both commands compile
+        (and find in the persistent cache) the same programs: committed inputs change
+        the compiled program's key.
+        """
+        import jax
+        import numpy as np
+
+        return jax.device_put(np.asarray(a)) if self.device is None else jax.device_put(a, self.device)
+
+    def __call__(self, u: _Unit) -> _Loaded:
+        import contextlib
+
+        import jax
+
+        from .devices import split_fibers
+
+        frame = self.jobs[u.index]
+        where = jax.default_device(self.host) if self.host is not None else contextlib.nullcontext()
+        with where:
+            job.check_paths(frame, overwrite=True, labels=_LABELS)
+            prep = job.prepare(frame, self.opts, self, labels=_LABELS)
+            first, n = split_fibers(prep.specmin, prep.nspec, self.opts.extraction.bundlesize, u.part, u.nparts)
+            geom, geom_s = self._geometry(prep.psf, prep.wave, first, n) if n > 0 else (None, 0.0)
+        t0 = time.perf_counter()
+        prep.image, prep.ivar = self._put(prep.image), self._put(prep.ivar)
+        psf_host = prep.psf
+        prep.psf = self._placed(psf_host)
+        prep.read_s += time.perf_counter() - t0
+        return _Loaded(prep, first, n, geom, geom_s)
 
 
 def _error_text(err: BaseException) -> str:
@@ -213,54 +337,67 @@ def _error_text(err: BaseException) -> str:
         else f"{type(err).__name__}: {text}"
 
 
+def _safe(fn, *args):
+    """``fn(*args)``, or the exception it raised (reported per frame)."""
+    try:
+        return fn(*args)
+    except BaseException as err:  # noqa: BLE001 - reported per frame
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        log.debug("read failed: %s", traceback.format_exc())
+        return err
+
+
 # ----------------------------------------------------------------------------- the pipeline
 class _Reader:
-    """Reads units ahead of the compute in a thread (at most ``depth`` waiting)."""
+    """Prepares units ahead of the compute in ``workers`` threads, handed out in order.
 
-    def __init__(self, jobs, units, opts, psfs, depth: int = 1):
-        self.q: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self.t = threading.Thread(target=self._run, args=(jobs, units, opts, psfs), name="jaxspec-reader",
-                                  daemon=True)
-        self.t.start()
+    At most ``depth`` units are read or waiting beyond the one being computed.  The
+    reading (astropy's decoding, the checks, the geometry in NumPy) releases the
+    interpreter lock for most of its time, so the main thread keeps feeding the device.
+    """
 
-    def _run(self, jobs, units, opts, psfs):
-        for u in units:
-            if self._stop.is_set():
-                return
-            try:
-                item = _load(jobs[u.index], opts, psfs)
-            except BaseException as err:  # noqa: BLE001 - reported per frame
-                log.debug("read failed: %s", traceback.format_exc())
-                item = err
-            self.q.put((u, item))
+    def __init__(self, load: Callable, units, workers: int = 2, depth: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="jaxspec-reader")
+        self._load = load
+        self._units = list(units)
+        self._depth = max(1, depth, workers)
+        self._next = 0
+        self._futs: collections.deque = collections.deque()
+        self._fill()
+
+    def _fill(self):
+        while self._next < len(self._units) and len(self._futs) < self._depth:
+            u = self._units[self._next]
+            self._futs.append((u, self._pool.submit(_safe, self._load, u)))
+            self._next += 1
 
     def __iter__(self):
-        while True:
-            if not self.t.is_alive() and self.q.empty():
-                return
-            try:
-                yield self.q.get(timeout=0.5)
-            except queue.Empty:
-                continue
+        while self._futs:
+            u, fut = self._futs.popleft()
+            item = fut.result()
+            self._fill()
+            yield u, item
 
     def stop(self):
-        self._stop.set()
-        while True:  # unblock a put
-            try:
-                self.q.get_nowait()
-            except queue.Empty:
-                break
+        self._next = len(self._units)
+        for _, f in self._futs:
+            f.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Writer:
-    """Writes frames in a thread (at most ``depth`` waiting); records the outcome."""
+    """Writes frames in ``workers`` threads (at most ``depth`` waiting); records the outcome."""
 
-    def __init__(self, record: Callable, depth: int = 1):
-        self.q: queue.Queue = queue.Queue(maxsize=depth)
+    def __init__(self, record: Callable, workers: int = 2, depth: int = 2):
+        self.q: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self.record = record
-        self.t = threading.Thread(target=self._run, name="jaxspec-writer", daemon=True)
-        self.t.start()
+        self.ts = [threading.Thread(target=self._run, name=f"jaxspec-writer-{i}", daemon=True)
+                   for i in range(max(1, workers))]
+        for t in self.ts:
+            t.start()
 
     def _run(self):
         while True:
@@ -273,8 +410,10 @@ class _Writer:
         self.q.put(item)
 
     def close(self):
-        self.q.put(None)
-        self.t.join()
+        for _ in self.ts:
+            self.q.put(None)
+        for t in self.ts:
+            t.join()
 
 
 def _do_write(rec: dict, ld: job.Prepared, arrays, opts, overwrite):
@@ -298,6 +437,8 @@ def run_batch(
     world=None,
     devices: Sequence | None = None,
     progress: Callable[[int, int], None] | None = None,
+    readers: int = 2,
+    writers: int = 2,
 ) -> BatchSummary:
     """Extract every job whose output does not exist yet.
 
@@ -305,20 +446,25 @@ def run_batch(
         jobs: the frames (the same list on every rank; rank 0's is used).
         opts: what to extract of each frame (default :class:`~jaxspec._pipeline.job.FrameOptions`).
         overwrite: redo jobs whose output exists (and replace it).
-        overlap: read the next frame and write the previous one in threads while
-            the current one is computed; False runs read, compute, write in turn.
+        overlap: read and cut the next frames (``readers`` threads) and write the
+            previous ones (``writers`` threads) while the current one is computed,
+            and queue each frame's device work before fetching the previous frame's
+            results, so the device never waits on the host between frames; False
+            runs read, compute, write in turn.
         world: a :class:`jaxspec._distribute.World` (default: serial).
         devices: this rank's devices (default: all of its local devices); with
             several, the patch solve is sharded over them.
         progress: called on rank 0 as ``progress(done, total)`` as frames finish
             (any rank's).
+        readers, writers: threads that read (and cut the patch geometry) and that
+            write, with ``overlap``.
 
     Returns:
         A :class:`BatchSummary`, the same on every rank.
     """
     import jax
 
-    from .devices import World, gather_parts, sharded_solve_chunk, split_fibers
+    from .devices import World, gather_parts, sharded_solve_chunk
     from .._extraction.patch import default_chunk_size
 
     opts = opts or job.FrameOptions()
@@ -397,50 +543,82 @@ def run_batch(
         with lock:
             records.append(rec)
             if rec["status"] == "ok":
-                log.info("rank %d: %s -> %s (read %.1f s, extract %.1f s, write %.1f s)", w.rank,
-                         rec["image"], rec["output"], rec["read_s"], rec["compute_s"], rec["write_s"])
+                log.info("rank %d: %s -> %s (read %.2f s, geometry %.2f s, waited %.2f s, extract %.2f s, "
+                         "write %.2f s)", w.rank, rec["image"], rec["output"], rec["read_s"], rec["geometry_s"],
+                         rec["wait_s"], rec["compute_s"], rec["write_s"])
             else:
                 log.error("rank %d: %s failed: %s", w.rank, rec["image"], rec["error"])
 
-    psfs = job.PsfCache()
-    reader = _Reader(jobs, mine, opts, psfs) if overlap else None
-    writer = _Writer(record) if overlap else None
-    source = reader if overlap else ((u, _safe_load(jobs[u.index], opts, psfs)) for u in mine)
+    def fail_text(e: BaseException) -> str:
+        if isinstance(e, KeyboardInterrupt):
+            raise e
+        log.debug("extraction failed: %s", traceback.format_exc())
+        return f"extracting: {_error_text(e)}"
+
+    def settle(u, rec, ld, arrays, ok, err, queued: bool):
+        """Fetch a queued frame's results (``queued``), then hand them to the writer or record the failure."""
+        if ok and queued and arrays is not None:
+            t0 = time.perf_counter()
+            try:
+                arrays = job.fetch_arrays(arrays)
+            except BaseException as e:  # noqa: BLE001 - reported per frame
+                ok, err, arrays = False, fail_text(e), None
+            rec["compute_s"] += time.perf_counter() - t0
+        if w.rank == u.root:
+            if ok:
+                if overlap:
+                    writer.put(rec, ld, arrays, opts, overwrite)
+                else:
+                    record(*_do_write(rec, ld, arrays, opts, overwrite))
+            else:
+                rec["error"] = err
+                record(rec)
+            finished()
+
+    loader = _Loader(jobs, opts)
+    reader = _Reader(loader, mine, workers=readers) if overlap else None
+    writer = _Writer(record, workers=writers) if overlap else None
+    source = reader if overlap else ((u, _safe(loader, u)) for u in mine)
+    queued = None  # the frame whose device work is queued and whose results are not fetched yet
     try:
+        t_wait = time.perf_counter()
         for u, ld in source:
             frame = jobs[u.index]
             rec = dict(index=u.index, image=frame.image, output=frame.output, status="failed", error=None,
-                       rank=w.rank, read_s=0.0, compute_s=0.0, write_s=0.0)
+                       rank=w.rank, read_s=0.0, geometry_s=0.0, wait_s=time.perf_counter() - t_wait,
+                       compute_s=0.0, write_s=0.0)
             t0 = time.perf_counter()
-            ok, err, arrays, first, n = True, None, None, 0, 0
+            ok, err, arrays, prep = True, None, None, None
+            pipelined = overlap and u.nparts == 1
             if isinstance(ld, BaseException):
                 ok, err = False, f"reading: {_error_text(ld)}"
             else:
-                rec["read_s"] = ld.read_s
-                first, n = split_fibers(ld.specmin, ld.nspec, opts.extraction.bundlesize, u.part, u.nparts)
-                if n > 0:
+                prep = ld.prep
+                rec["read_s"], rec["geometry_s"] = prep.read_s, ld.geometry_s
+                if ld.n > 0:
                     try:
-                        arrays = job.compute(ld, first, n, solve_chunk=solve, chunk_size=chunk_size)
+                        arrays = job.compute(prep, ld.first, ld.n, solve_chunk=solve, chunk_size=chunk_size,
+                                             geometry=ld.geometry, fetch=not pipelined)
                     except BaseException as e:  # noqa: BLE001 - reported per frame
-                        if isinstance(e, KeyboardInterrupt):
-                            raise
-                        log.debug("extraction failed: %s", traceback.format_exc())
-                        ok, err = False, f"extracting: {_error_text(e)}"
+                        ok, err = False, fail_text(e)
             if u.nparts > 1:
-                ok, err, arrays = gather_parts(gcomm, ok, err, arrays, first, n)
+                ok, err, arrays = gather_parts(gcomm, ok, err, arrays, ld.first if prep else 0,
+                                               ld.n if prep else 0)
             rec["compute_s"] = time.perf_counter() - t0
-            if w.rank == u.root:
-                if ok:
-                    if overlap:
-                        writer.put(rec, ld, arrays, opts, overwrite)
-                    else:
-                        record(*_do_write(rec, ld, arrays, opts, overwrite))
-                else:
-                    rec["error"] = err
-                    record(rec)
-                finished()
-            del ld, arrays
+            # this frame's work is queued on the device: now wait for the previous one's
+            if queued is not None:
+                settle(*queued, queued=True)
+                queued = None
+            if pipelined and ok:
+                queued = (u, rec, prep, arrays, ok, err)
+            else:
+                settle(u, rec, prep, arrays, ok, err, queued=False)
+            del ld, arrays, prep
             poll()
+            t_wait = time.perf_counter()
+        if queued is not None:
+            settle(*queued, queued=True)
+            queued = None
     finally:
         if reader is not None:
             reader.stop()
@@ -463,15 +641,6 @@ def run_batch(
     if comm is not None:
         summary = comm.bcast(summary, root=0)
     return summary
-
-
-def _safe_load(frame, opts, psfs):
-    try:
-        return _load(frame, opts, psfs)
-    except BaseException as err:  # noqa: BLE001 - reported per frame
-        if isinstance(err, KeyboardInterrupt):
-            raise
-        return err
 
 
 def summary_json(summary: BatchSummary) -> str:
