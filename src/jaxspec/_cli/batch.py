@@ -79,7 +79,7 @@ def check(args) -> None:
 def _bind_before_jax(args) -> None:
     """Give this rank its GPUs (``CUDA_VISIBLE_DEVICES``) before anything starts JAX.
 
-    Called by ``_cli._setup`` ahead of ``--device``'s JAX calls; idempotent.
+    Called by ``jaxspec._cli.common.setup_jax`` ahead of ``--device``'s JAX calls; idempotent.
     """
     from .._pipeline import devices as _distribute
 

@@ -1,6 +1,6 @@
 """``jaxspec plot``: a PNG of a frame file, optionally with image / model / pull panels.
 
-Wired into the command line by :func:`jaxspec._cli.build_parser` through
+Wired into the command line by :func:`jaxspec._cli.main.build_parser` through
 :func:`add_parser`.  Uses :func:`jaxspec._plots.plot_frame` and the readers of
 :mod:`jaxspec._io.frames`; needs no JAX work at all.  The PNG is written atomically
 (:func:`jaxspec._io.atomic.atomic_write`): a killed run leaves no partial file.

@@ -1,7 +1,7 @@
 """Extraction of a (sub-)image: geometry, projection, batched solve, stitching.
 
 ``extract`` cuts the requested fibers x wavelengths into patches on the host
-(:mod:`jaxspec._geometry`), then runs every patch through one jit-compiled,
+(:mod:`jaxspec._extraction.geometry`), then runs every patch through one jit-compiled,
 vmapped function (spots -> normal equations -> Cholesky solve -> decorrelation ->
 diagnostics) in chunks of patches, and stitches the patch centres into the output
 arrays on the device.  The compiled function depends only on static shapes, so a

@@ -451,13 +451,13 @@ def run_batch(
             and queue each frame's device work before fetching the previous frame's
             results, so the device never waits on the host between frames; False
             runs read, compute, write in turn.
-        world: a :class:`jaxspec._distribute.World` (default: serial).
+        world: a :class:`jaxspec._pipeline.devices.World` (default: serial).
         devices: this rank's devices (default: all of its local devices); with
             several, the patch solve is sharded over them.
         progress: called on rank 0 as ``progress(done, total)`` as frames finish
             (any rank's).
-        readers, writers: threads that read (and cut the patch geometry) and that
-            write, with ``overlap``.
+        readers: threads that read each frame and cut its patch geometry, with ``overlap``.
+        writers: threads that write the frames, with ``overlap``.
 
     Returns:
         A :class:`BatchSummary`, the same on every rank.

@@ -59,7 +59,7 @@ class ShardedSolve:
 
     ``ShardedSolve(mesh)(psf, image, ivar, inputs, regularize, minweight_frac,
     psferr, static)`` has the signature and results of
-    :func:`jaxspec._extract._solve_chunk`: ``inputs`` holds (P, ...) per-patch
+    :func:`jaxspec._extraction.patch._solve_chunk`: ``inputs`` holds (P, ...) per-patch
     arrays; the result holds (P, ...) per-patch outputs, gathered to the mesh's first
     device (where the caller stitches them).  P need not divide the device count.
 
