@@ -12,13 +12,12 @@ import argparse
 import logging
 import os
 
+from .common import UsageError
+
 log = logging.getLogger("jaxspec")
 
 
-def _usage_error(msg: str) -> Exception:
-    from .main import UsageError  # lazy: _cli imports this module
-
-    return UsageError(msg)
+_usage_error = UsageError
 
 
 def _parse_ints(text: str | None, option: str, n: int | None = None) -> tuple[int, ...] | None:
