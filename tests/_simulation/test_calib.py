@@ -41,7 +41,7 @@ def test_min_separation_keeps_the_brighter_line():
     assert 7514.652 in lines.wave
     assert 7514.652 not in arc_lines("r", min_separation=12.0).wave
     assert 7503.869 in arc_lines("r", min_separation=12.0).wave
-    assert len(arc_lines("r", min_flux=500)) < len(full)
+    assert len(arc_lines("r", min_flux=500.0)) < len(full)
     assert sum(len(v) for v in ARC_LINES.values()) > 100
 
 

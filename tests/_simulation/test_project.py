@@ -68,7 +68,7 @@ def test_bad_fibers_and_wavelengths():
     with pytest.raises(ValueError, match="wave"):
         project(psf, wave, jnp.ones((3, 5)))
     with pytest.raises(ValueError, match="outside"):
-        psf.check_wavelengths([5000.0, 5700.0])
+        psf.check_wavelengths(np.array([5000.0, 5700.0]))
 
 
 def test_jit_vmap():

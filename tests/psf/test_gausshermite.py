@@ -72,9 +72,9 @@ def test_desi_like_geometry():
     sx = float(psf.param("GHSIGX", 10, 5700.0))
     sy = float(psf.param("GHSIGY", 10, 5700.0))
     assert 1.0 <= sx <= 1.1 and 1.1 <= sy <= 1.3
-    psf.check_wavelengths([5600.0, 5800.0])
+    psf.check_wavelengths(np.array([5600.0, 5800.0]))
     with pytest.raises(ValueError, match="outside"):
-        psf.check_wavelengths([5000.0])
+        psf.check_wavelengths(np.array([5000.0]))
 
 
 def test_jit_vmap_grad():
@@ -156,3 +156,31 @@ def test_zero_tails_are_skipped_but_differentiable():
     # non-zero tails take the full formula
     psf2 = desi_like_psf(nspec=6, tailamp=0.02)
     np.testing.assert_allclose(psf2.spots(ispec, wave)[2], target, atol=1e-16)
+
+
+def test_wavelength_limits_are_leaves_one_program_for_every_psf_file():
+    """Two PSFs whose traces (hence wmin..wmax_all) differ share one tree structure and one compiled program."""
+    from jaxspec.psf import _base
+
+    a = desi_like_psf(nspec=6)
+    b = a.with_traces(a.xcoef + 0.03, a.ycoef + 0.5)
+    b = GaussHermitePSF.from_arrays(b.xcoef, b.ycoef, b.params, b.param_names, xdomain=b.xdomain,
+                                    hsizex=b.hsizex, hsizey=b.hsizey, npix_x=b.npix_x, npix_y=b.npix_y)
+    assert a.wmin != b.wmin and a.wmax_all != b.wmax_all  # limits refitted from the shifted traces
+    for p in (a, b):  # host code reads them as floats
+        assert all(isinstance(getattr(p, k), float) for k in ("wmin", "wmax", "wmin_all", "wmax_all"))
+    assert f"{b.wmin:.1f}" == f"{float(b.wmin):.1f}"
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    ispec, wave = jnp.arange(3)[:, None], jnp.linspace(5650.0, 5750.0, 4)[None, :]
+    f = jax.jit(lambda p: p.spots(ispec, wave, edges="specter"))
+    for p in (a, b):
+        (x0, y0, s0), (x1, y1, s1) = f(p), p.spots(ispec, wave, edges="specter")
+        np.testing.assert_array_equal(np.asarray(x0), np.asarray(x1))
+        np.testing.assert_array_equal(np.asarray(y0), np.asarray(y1))
+        np.testing.assert_allclose(np.asarray(s0), np.asarray(s1), rtol=1e-12, atol=1e-17)  # compiled vs op by op
+    assert f._cache_size() == 1
+    # the geometry's jitted corners (eqx.filter_jit): one program for both PSFs
+    _base._corners._cached.clear_cache()
+    for p in (a, b):
+        p.corners(ispec, wave)
+    assert _base._corners._cached._cache_size() == 1

@@ -13,7 +13,7 @@ def test_legval_matches_numpy():
     ref = np.array([L.legval(t[i], c[i]) for i in range(6)])
     np.testing.assert_allclose(legval(t, c), ref, rtol=0, atol=1e-13)
     np.testing.assert_allclose(legvander(t, 7), L.legvander(t, 7), rtol=0, atol=1e-14)
-    np.testing.assert_allclose(legval(0.3, [2.0]), 2.0)
+    np.testing.assert_allclose(legval(0.3, np.asarray([2.0])), 2.0)
 
 
 def test_traceset_broadcast_and_many():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import typing
 
 __all__ = ["DECORRELATE_MODES", "ExtractOptions", "OptionError", "check_fibers", "wave_grid_size"]
 
@@ -58,6 +59,9 @@ def _finite_range(field: str, value, lo: float, hi: float, hint: str) -> float:
     return v
 
 
+# no_type_check: these validate user input themselves, with messages naming the field
+# (runtime type checks in the tests would pre-empt them)
+@typing.no_type_check
 @dataclasses.dataclass(frozen=True)
 class ExtractOptions:
     """How a frame is cut into patches and solved (DESI's defaults).
@@ -126,6 +130,7 @@ class ExtractOptions:
         return d
 
 
+@typing.no_type_check
 def check_fibers(specmin: int, nspec: int | None, npsf: int, bundlesize: int = 25) -> tuple[int, int]:
     """Check the fibers ``specmin .. specmin + nspec - 1`` against a PSF of ``npsf`` fibers.
 
@@ -149,6 +154,7 @@ def check_fibers(specmin: int, nspec: int | None, npsf: int, bundlesize: int = 2
     return specmin, int(nspec)
 
 
+@typing.no_type_check
 def wave_grid_size(wmin: float, wmax: float, dw: float, field: str = "wavelength") -> int:
     """Number of bins of the grid ``wmin, wmin + dw, ... <= wmax`` (end point included).
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 
 def gather_box(
@@ -84,8 +84,8 @@ def normal_equations(
     )
     # stamps padded by one stamp each side: a shifted copy is a plain slice
     spad = jnp.pad(s, ((0, 0), (ny, ny), (nx, nx)))
-    fi = jnp.arange(n) // nk
-    ki = jnp.arange(n) % nk
+    fi = jnp.arange(n, dtype=jnp.int32) // nk
+    ki = jnp.arange(n, dtype=jnp.int32) % nk
 
     def overlap(_, off):
         df, dk = off[0], off[1]
@@ -102,7 +102,7 @@ def normal_equations(
         return None, (vals, jnp.where(ok, j, n))
 
     _, (vals, cols) = jax.lax.scan(overlap, None, offsets)  # (noff, n) each
-    rows = jnp.broadcast_to(jnp.arange(n), cols.shape)
+    rows = jnp.broadcast_to(jnp.arange(n, dtype=cols.dtype)[None, :], cols.shape)
     q = jnp.zeros((n, n), stamps.dtype)
     q = q.at[rows, cols].set(vals, mode="drop")
     q = q.at[cols, rows].set(vals, mode="drop")  # the mirror (the diagonal is set twice, to one value)
@@ -110,28 +110,30 @@ def normal_equations(
 
 
 def model_box(
-    stamps: Float[Array, "F K ny nx"],
-    cy: Int[Array, "F K"],
-    cx: Int[Array, "F K"],
-    flux: Float[Array, "F K"],
+    stamps: Float[ArrayLike, "F K ny nx"],
+    cy: Int[ArrayLike, "F K"],
+    cx: Int[ArrayLike, "F K"],
+    flux: Float[ArrayLike, "F K"],
     shape: tuple[int, int],
 ) -> Float[Array, "NYm NXm"]:
     """The model image ``A f`` of the patch in its margin box."""
+    stamps, cy, cx, flux = (jnp.asarray(a) for a in (stamps, cy, cx, flux))
     nf, nk, ny, nx = stamps.shape
-    rows = cy[..., None, None] + jnp.arange(ny)[:, None]
-    cols = cx[..., None, None] + jnp.arange(nx)[None, :]
+    lead = (1,) * cy.ndim
+    rows = cy[..., None, None] + jnp.arange(ny, dtype=cy.dtype).reshape(lead + (ny, 1))
+    cols = cx[..., None, None] + jnp.arange(nx, dtype=cx.dtype).reshape(lead + (1, nx))
     vals = stamps * flux[..., None, None]
     return jnp.zeros(shape, stamps.dtype).at[rows, cols].add(vals, mode="drop")
 
 
 def pixel_diagnostics(
-    stamps: Float[Array, "F K ny nx"],
-    cy: Int[Array, "F K"],
-    cx: Int[Array, "F K"],
-    image: Float[Array, "NYm NXm"],
-    ivar: Float[Array, "NYm NXm"],
-    model: Float[Array, "NYm NXm"],
-    psferr: float | Float[Array, ""],
+    stamps: Float[ArrayLike, "F K ny nx"],
+    cy: Int[ArrayLike, "F K"],
+    cx: Int[ArrayLike, "F K"],
+    image: Float[ArrayLike, "NYm NXm"],
+    ivar: Float[ArrayLike, "NYm NXm"],
+    model: Float[ArrayLike, "NYm NXm"],
+    psferr: float | Float[ArrayLike, ""],
 ) -> tuple[Float[Array, "F K"], Float[Array, "F K"]]:
     """Per-bin ``chi2pix`` and ``pixmask_fraction``, as the established code defines them.
 
@@ -140,6 +142,7 @@ def pixel_diagnostics(
     pixmask_fraction: the part of the bin's spot that falls on pixels with
     ivar 0 (masked, or outside the patch).
     """
+    stamps, cy, cx, image, ivar, model = (jnp.asarray(a) for a in (stamps, cy, cx, image, ivar, model))
     nf, nk, ny, nx = stamps.shape
     n = nf * nk
     s = stamps.reshape(n, ny, nx)

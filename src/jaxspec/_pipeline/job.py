@@ -32,6 +32,7 @@ import dataclasses
 import logging
 import os
 import time
+import typing
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -57,10 +58,16 @@ CLI_LABELS = {"image": "--input", "psf": "--psf", "output": "--output", "model":
 class FrameJob:
     """One frame to extract: preproc ``image``, ``psf`` file, ``output`` frame file, optional ``model`` image."""
 
-    image: str
-    psf: str
-    output: str
-    model: str | None = None
+    image: str | os.PathLike
+    psf: str | os.PathLike
+    output: str | os.PathLike
+    model: str | os.PathLike | None = None
+
+    def __post_init__(self):
+        for name in ("image", "psf", "output", "model"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, os.fspath(value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +136,13 @@ def wave_grid(psf, spec: tuple[float, float, float] | None, camera: str | None =
     wmin, wmax, dw = spec if spec is not None else default_grid(psf, camera)[0]
     n = wave_grid_size(wmin, wmax, dw)
     return wmin + dw * np.arange(n)
+
+
+@typing.runtime_checkable
+class PsfSource(typing.Protocol):
+    """Anything that gives the PSF model of a file: :class:`PsfCache`, or the batch's loader."""
+
+    def get(self, path: str): ...
 
 
 class PsfCache:
@@ -269,7 +283,7 @@ def _pick_fibermap(fibermap, specmin: int, nspec: int, path: str, camera: str | 
     return None
 
 
-def prepare(job: FrameJob, options: FrameOptions, psfs: PsfCache | None = None, *,
+def prepare(job: FrameJob, options: FrameOptions, psfs: PsfSource | None = None, *,
             labels: Mapping[str, str] = CLI_LABELS, device_put: bool = False) -> Prepared:
     """Step 2: read the PSF and the preproc image, and check everything against each other.
 
@@ -382,8 +396,6 @@ def compute(prep: Prepared, first: int | None = None, n: int | None = None, *, s
         Host arrays ``wave, flux, ivar, resolution, chi2pix, pixmask_fraction`` and,
         when the job has a model path, ``model``.
     """
-    import jax
-
     from .._extraction.extract import extract
 
     first = prep.specmin if first is None else first
@@ -455,7 +467,7 @@ def write(prep: Prepared, arrays: dict, overwrite: bool = False) -> str:
 
 
 def run_frame(job: FrameJob, options: FrameOptions = FrameOptions(), *, overwrite: bool = False,
-              psfs: PsfCache | None = None, progress: Callable[[int, int], None] | None = None,
+              psfs: PsfSource | None = None, progress: Callable[[int, int], None] | None = None,
               solve_chunk: Callable | None = None, labels: Mapping[str, str] = CLI_LABELS) -> dict:
     """The whole job for one frame: check, read, extract, write.
 

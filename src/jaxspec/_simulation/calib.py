@@ -190,8 +190,8 @@ def write_lines(path: str | os.PathLike, lines: LineList) -> None:
             fh.write(f"{w:.3f} {f:.6g} {e}\n")
 
 
-def flat_spectrum(wave) -> np.ndarray:
-    """Shape of a continuum (quartz-halogen-like) flat lamp, ~1 in the red.
+def flat_spectrum(wave) -> np.ndarray | float:
+    """Shape of a continuum (quartz-halogen-like) flat lamp, ~1 in the red (a float for a scalar ``wave``).
 
     A 3000 K black body (photon units) normalised at 6500 A: smooth, rising to
     the red; the absolute level is set by :func:`simulate_flat`.

@@ -42,7 +42,7 @@ def _project(psf: PSF, wave, phot, specmin, box):
 def project(
     psf: PSF,
     wave: Float[ArrayLike, "nwave"],
-    phot: Float[ArrayLike, "nspec nwave"],
+    phot: Float[ArrayLike, "nspec _nwave"],  # its length is checked below, with a clear message
     specmin: int = 0,
     xyrange: tuple[int, int, int, int] | None = None,
 ) -> Float[Array, "ny nx"]:

@@ -8,7 +8,9 @@ images are indexed ``image[y, x]``; wavelengths are in Angstrom.
 
 All array methods are pure JAX functions of the module's array fields, so a PSF is
 a pytree that ``jax.jit``, ``jax.vmap`` and ``jax.grad`` see through.  Integer
-metadata (``nspec``, ``npix_x``, ...) are static fields.  ``xyrange`` and
+metadata (``nspec``, ``npix_x``, ...) are static fields; the wavelength limits
+(``wmin``, ...), which differ from file to file, are leaves (:func:`wave_limit_field`),
+so every PSF file of a camera shares each compiled program.  ``xyrange`` and
 ``ndiag`` are host-side helpers (NumPy) for deciding patch geometry.
 
 At the CCD's edges, :meth:`PSF.spots` with ``edges="specter"`` follows specter's
@@ -64,6 +66,27 @@ def _block_rows(shape: tuple[int, ...]) -> int | None:
     target = max(1, block // max(1, math.prod(shape[1:])))
     rows = max(d for d in range(1, min(target, shape[0]) + 1) if shape[0] % d == 0)
     return None if rows == shape[0] else rows
+
+
+def _host_float(value):
+    """A PSF's wavelength limit [A] as a NumPy float64 (a tracer passes through)."""
+    if isinstance(value, jax.core.Tracer):
+        return value
+    return np.float64(value)
+
+
+def wave_limit_field():
+    """Field for a PSF's wavelength limits (``wmin``, ``wmax``, ``wmin_all``, ``wmax_all``).
+
+    They follow from the traces, so every exposure's PSF file has its own values.  As
+    static fields they would be part of the PSF's tree structure, hence of the cache
+    key of every compiled function that takes the PSF (the extraction kernel, the
+    spots, the geometry's corners): each file would trace and compile them anew.
+    Here they are leaves holding a NumPy float64: a ``float`` on the host (checks,
+    default grids, messages), a traced scalar inside ``jit`` (which never reads them),
+    and one tree structure for every file of a camera.
+    """
+    return eqx.field(converter=_host_float)
 
 
 @eqx.filter_jit

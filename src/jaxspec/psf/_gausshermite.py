@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from ._base import PSF
+from ._base import PSF, wave_limit_field
 from ._legendre import fit_inverse, traceset_eval, traceset_eval_many
 from ._normal_dist import normal_cdf_pdf
 
@@ -79,10 +79,10 @@ class GaussHermitePSF(PSF):
     hsizex: int = eqx.field(static=True)
     hsizey: int = eqx.field(static=True)
     psferr: float = eqx.field(static=True)
-    wmin: float = eqx.field(static=True)
-    wmax: float = eqx.field(static=True)
-    wmin_all: float = eqx.field(static=True)
-    wmax_all: float = eqx.field(static=True)
+    wmin: float = wave_limit_field()
+    wmax: float = wave_limit_field()
+    wmin_all: float = wave_limit_field()
+    wmax_all: float = wave_limit_field()
     fibermin: int = eqx.field(static=True, default=0)
     legdeg: tuple[tuple[int, int], ...] | None = eqx.field(static=True, default=None)
     """Per-parameter (LEGDEGX, LEGDEGW) read from file, kept for writing only."""
@@ -201,7 +201,7 @@ class GaussHermitePSF(PSF):
     ) -> "GaussHermitePSF":
         """Copy with new trace coefficients and a refitted inverse (JAX-traceable).
 
-        Static metadata (wmin, wmax, ...) are kept as they are.
+        The metadata (wmin, wmax, ...) are kept as they are.
         """
         xcoef = self.xcoef if xcoef is None else jnp.asarray(xcoef)
         ycoef = self.ycoef if ycoef is None else jnp.asarray(ycoef)

@@ -27,7 +27,7 @@ import numpy as np
 from numpy.polynomial import legendre
 from jaxtyping import Array, ArrayLike, Float
 
-from ._base import PSF
+from ._base import PSF, wave_limit_field
 from ._gausshermite import pixel_gauss_hermite
 from ._legendre import traceset_eval, traceset_eval_many
 
@@ -66,10 +66,10 @@ class GaussHermite2PSF(PSF):
     hsizex: int = eqx.field(static=True)
     hsizey: int = eqx.field(static=True)
     psferr: float = eqx.field(static=True)
-    wmin: float = eqx.field(static=True)
-    wmax: float = eqx.field(static=True)
-    wmin_all: float = eqx.field(static=True)
-    wmax_all: float = eqx.field(static=True)
+    wmin: float = wave_limit_field()
+    wmax: float = wave_limit_field()
+    wmin_all: float = wave_limit_field()
+    wmax_all: float = wave_limit_field()
     fibermin: int = eqx.field(static=True, default=0)
 
     @classmethod

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
-from ._base import PSF
+from ._base import PSF, wave_limit_field
 from ._gausshermite import pixel_gauss_hermite
 
 
@@ -33,10 +33,10 @@ class GaussianPSF(PSF):
     hsizex: int = eqx.field(static=True)
     hsizey: int = eqx.field(static=True)
     psferr: float = eqx.field(static=True)
-    wmin: float = eqx.field(static=True)
-    wmax: float = eqx.field(static=True)
-    wmin_all: float = eqx.field(static=True)
-    wmax_all: float = eqx.field(static=True)
+    wmin: float = wave_limit_field()
+    wmax: float = wave_limit_field()
+    wmin_all: float = wave_limit_field()
+    wmax_all: float = wave_limit_field()
 
     @classmethod
     def create(
@@ -81,25 +81,31 @@ class GaussianPSF(PSF):
             wmin=float(wlo), wmax=float(whi), wmin_all=float(wlo), wmax_all=float(whi),
         )  # fmt: skip
 
+    def _args(self, ispec: ArrayLike, w: ArrayLike) -> tuple[Array, Array]:
+        """``ispec`` (int32) and ``w`` (the fields' float dtype), broadcast together."""
+        ispec = jnp.asarray(ispec).astype(jnp.int32)
+        w = jnp.asarray(w, dtype=self.wave0.dtype)
+        return tuple(jnp.broadcast_arrays(ispec, w))
+
     def x(self, ispec: ArrayLike, wave: ArrayLike) -> Float[Array, "..."]:
         """Trace centre x [pixels]."""
-        ispec, wave = jnp.broadcast_arrays(jnp.asarray(ispec), jnp.asarray(wave))
-        return self.x0[ispec.astype(jnp.int32)] + 0.0 * wave
+        ispec, wave = self._args(ispec, wave)
+        return self.x0[ispec] + 0.0 * wave
 
     def y(self, ispec: ArrayLike, wave: ArrayLike) -> Float[Array, "..."]:
         """Trace centre y [pixels]."""
-        ispec, wave = jnp.broadcast_arrays(jnp.asarray(ispec), jnp.asarray(wave))
-        return (wave - self.wave0) / self.dispersion + 0.0 * ispec
+        ispec, wave = self._args(ispec, wave)
+        return (wave - self.wave0) / self.dispersion
 
     def wavelength(self, ispec: ArrayLike, y: ArrayLike) -> Float[Array, "..."]:
         """Wavelength [A] at row ``y``."""
-        ispec, y = jnp.broadcast_arrays(jnp.asarray(ispec), jnp.asarray(y))
-        return self.wave0 + y * self.dispersion + 0.0 * ispec
+        ispec, y = self._args(ispec, y)
+        return self.wave0 + y * self.dispersion
 
     def ysigma(self, ispec: ArrayLike, wave: ArrayLike) -> Float[Array, "..."]:
         """sigma_y [pixels]."""
-        ispec, wave = jnp.broadcast_arrays(jnp.asarray(ispec), jnp.asarray(wave))
-        return jnp.broadcast_to(self.sigma_y, ispec.shape).astype(self.sigma_y.dtype)
+        ispec, wave = self._args(ispec, wave)
+        return jnp.broadcast_to(self.sigma_y, ispec.shape)
 
     def _stamps(self, ispec, wave, x, y, xmin, ymin) -> Float[Array, "... ny nx"]:
         """Normalised pixel-integrated Gaussian stamps, ``S + (ny, nx)``."""

@@ -15,19 +15,25 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
 
+def _as_float(x: ArrayLike) -> Array:
+    """``x`` as a JAX array, integers converted to the default float dtype."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jnp.result_type(float))
+    return x
+
+
 def normalize(w: ArrayLike, a: ArrayLike, b: ArrayLike) -> Float[Array, "..."]:
     """Map ``w`` from the domain ``[a, b]`` to ``[-1, 1]`` as specter does."""
-    return (jnp.asarray(w) - a) * (2.0 / (b - a)) - 1.0
+    return (_as_float(w) - a) * (2.0 / (b - a)) - 1.0
 
 
-def legvander(t: ArrayLike, deg: int) -> Float[Array, "... deg+1"]:
-    """Legendre basis ``P_0(t) .. P_deg(t)`` stacked on a new last axis.
+def legvander(t: ArrayLike, deg: int) -> Float[Array, "... ncoef"]:
+    """Legendre basis ``P_0(t) .. P_deg(t)`` stacked on a new last axis (``ncoef = deg + 1``).
 
     Uses Bonnet's recurrence ``(k+1) P_{k+1} = (2k+1) t P_k - k P_{k-1}``.
     """
-    t = jnp.asarray(t)
-    if not jnp.issubdtype(t.dtype, jnp.floating):
-        t = t.astype(jnp.result_type(float))
+    t = _as_float(t)
     cols = [jnp.ones_like(t)]
     if deg >= 1:
         cols.append(t)
@@ -42,7 +48,7 @@ def legval(t: ArrayLike, coeff: ArrayLike) -> Float[Array, "..."]:
     ``t`` (shape ``S``) broadcasts against ``coeff[..., ncoef]`` (shape ``S'``).
     Uses Clenshaw's backward recurrence.
     """
-    t = jnp.asarray(t)
+    t = _as_float(t)
     coeff = jnp.asarray(coeff)
     n = coeff.shape[-1]
     b1 = jnp.zeros(jnp.broadcast_shapes(t.shape, coeff.shape[:-1]), jnp.result_type(t, coeff, float))
@@ -83,6 +89,10 @@ def traceset_eval_many(
     coeff = jnp.asarray(coeff)
     ispec = jnp.asarray(ispec)
     t = normalize(w, domain[0], domain[1])
+    # one rank for both (leading ones), each keeping its own small shape
+    nd = max(ispec.ndim, t.ndim)
+    ispec = ispec.reshape((1,) * (nd - ispec.ndim) + ispec.shape)
+    t = t.reshape((1,) * (nd - t.ndim) + t.shape)
     # Basis on the wavelengths' own shape and coefficients on the fibers' own shape:
     # for a (fiber, 1) x (1, wave) grid that is nspec + nwave evaluations, not their product.
     basis = legvander(t, coeff.shape[-1] - 1)  # shape(w) + (ncoef,)
@@ -96,7 +106,7 @@ def fit_inverse(
     domain: tuple[ArrayLike, ArrayLike],
     deg: int | None = None,
     npts: int = 1000,
-) -> tuple[Float[Array, "nspec deg+1"], Float[Array, "2"]]:
+) -> tuple[Float[Array, "nspec ninv"], Float[Array, "2"]]:
     """Fit the inverse trace set (abscissa as a function of value), as specter does.
 
     The values of all fibers at the domain ends give ``(vmin, vmax)``; each fiber
@@ -107,7 +117,7 @@ def fit_inverse(
     via refined normal equations).
 
     Returns:
-        ``(inv_coeff[nspec, deg + 1], inv_domain[2] = (vmin, vmax))``.
+        ``(inv_coeff[nspec, ninv = deg + 1], inv_domain[2] = (vmin, vmax))``.
     """
     coeff = jnp.asarray(coeff)
     a, b = domain
@@ -128,6 +138,6 @@ def fit_inverse(
     gram = jnp.einsum("snk,snl->skl", a, a)
     chol = jax.scipy.linalg.cho_factor(gram, lower=True)
     sol = jax.scipy.linalg.cho_solve(chol, jnp.einsum("snk,n->sk", a, w)[..., None])[..., 0]
-    resid = w - jnp.einsum("snk,sk->sn", a, sol)
+    resid = w[None, :] - jnp.einsum("snk,sk->sn", a, sol)
     sol = sol + jax.scipy.linalg.cho_solve(chol, jnp.einsum("snk,sn->sk", a, resid)[..., None])[..., 0]
     return sol / scl[:, 0, :], jnp.stack([vmin, vmax])

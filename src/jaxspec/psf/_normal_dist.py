@@ -21,7 +21,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float
 
 _INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SCALE = 4.0  # t = 1 / (1 + a / _SCALE)
@@ -61,7 +61,7 @@ def _mills_ratio(a: Float[Array, "..."]) -> Float[Array, "..."]:
 
 
 @jax.custom_jvp
-def normal_cdf_pdf(u: Float[Array, "..."]) -> tuple[Float[Array, "..."], Float[Array, "..."]]:
+def normal_cdf_pdf(u: Float[ArrayLike, "..."]) -> tuple[Float[Array, "..."], Float[Array, "..."]]:
     """``(Phi(u), phi(u))``: standard normal distribution function and density.
 
     Absolute error of ``Phi`` below 4e-16; derivatives are exact

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
-from ._base import PSF
+from ._base import PSF, wave_limit_field
 from ._gausshermite import pixel_gauss_hermite
 from ._legendre import fit_inverse, traceset_eval
 
@@ -49,10 +49,10 @@ class TraceGaussianPSF(PSF):
     hsizex: int = eqx.field(static=True)
     hsizey: int = eqx.field(static=True)
     psferr: float = eqx.field(static=True)
-    wmin: float = eqx.field(static=True)
-    wmax: float = eqx.field(static=True)
-    wmin_all: float = eqx.field(static=True)
-    wmax_all: float = eqx.field(static=True)
+    wmin: float = wave_limit_field()
+    wmax: float = wave_limit_field()
+    wmin_all: float = wave_limit_field()
+    wmax_all: float = wave_limit_field()
 
     @classmethod
     def from_arrays(

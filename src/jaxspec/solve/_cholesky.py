@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float
 
 __all__ = ["cholesky_factor", "cholesky_solve", "cholesky_inverse_blocks"]
 
 
-def cholesky_factor(Q: Float[Array, "n n"]) -> Float[Array, "n n"]:
+def cholesky_factor(Q: Float[ArrayLike, "n n"]) -> Float[Array, "n n"]:
     """Lower Cholesky factor ``L`` with ``Q = L L^T`` (n, n); NaN if Q is not PD."""
     return jnp.linalg.cholesky(Q, symmetrize_input=True)
 
 
-def cholesky_solve(L: Float[Array, "n n"], y: Float[Array, " n"]) -> Float[Array, " n"]:
+def cholesky_solve(L: Float[ArrayLike, "n n"], y: Float[ArrayLike, " n"]) -> Float[Array, " n"]:
     """Solve ``(L L^T) x = y`` for x (n,) by two triangular solves."""
     z = solve_triangular(L, y, lower=True)
     return solve_triangular(L.T, z, lower=False)
 
 
 def cholesky_inverse_blocks(
-    L: Float[Array, "n n"], nblocks: int, blocksize: int
+    L: Float[ArrayLike, "n n"], nblocks: int, blocksize: int
 ) -> Float[Array, "nblocks blocksize blocksize"]:
     """Diagonal blocks of ``(L L^T)^{-1}`` without forming the whole inverse.
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg  # noqa: F401
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float
 
 from ._cholesky import cholesky_inverse_blocks
 from ._sqrtm import inv_sqrtm_sym, sqrtm_sym
@@ -24,7 +24,7 @@ from ._sqrtm import inv_sqrtm_sym, sqrtm_sym
 __all__ = ["decorrelate_signal", "decorrelate_full", "normalize_rows"]
 
 
-def normalize_rows(S: Float[Array, "... m m"]) -> tuple[Float[Array, "... m m"], Float[Array, "... m"]]:
+def normalize_rows(S: Float[ArrayLike, "... m m"]) -> tuple[Float[Array, "... m m"], Float[Array, "... m"]]:
     """Rows of ``S`` divided by their sums, and the squared row sums (ivar).
 
     A row summing to exactly 0 is left unscaled (no NaN).
@@ -35,8 +35,8 @@ def normalize_rows(S: Float[Array, "... m m"]) -> tuple[Float[Array, "... m m"],
 
 
 def decorrelate_signal(
-    L: Float[Array, "n n"],
-    xflux: Float[Array, " n"],
+    L: Float[ArrayLike, "n n"],
+    xflux: Float[ArrayLike, " n"],
     nspec: int,
     nwave: int,
     threshold: float | None = None,
@@ -66,8 +66,8 @@ def decorrelate_signal(
 
 
 def decorrelate_full(
-    Q: Float[Array, "n n"],
-    xflux: Float[Array, " n"],
+    Q: Float[ArrayLike, "n n"],
+    xflux: Float[ArrayLike, " n"],
     threshold: float | None = None,
     method: str = "eigh",
 ) -> tuple[Float[Array, " n"], Float[Array, " n"], Float[Array, "n n"]]:

@@ -39,10 +39,10 @@ class PatchSolution(eqx.Module):
 
 
 def solve_patch(
-    Q: Float[Array, "n n"],
-    y: Float[Array, " n"],
-    fluxweight: Float[Array, " n"],
-    valid: Bool[Array, " n"],
+    Q: Float[ArrayLike, "n n"],
+    y: Float[ArrayLike, " n"],
+    fluxweight: Float[ArrayLike, " n"],
+    valid: Bool[ArrayLike, " n"],
     nspec: int,
     nwave: int,
     ndiag: int,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float
 
 __all__ = ["apply_resolution", "resolution_diagonals", "resolution_offsets"]
 
@@ -14,7 +14,7 @@ def resolution_offsets(ndiag: int) -> np.ndarray:
     return np.arange(ndiag, -ndiag - 1, -1)
 
 
-def resolution_diagonals(R: Float[Array, "m m"], ndiag: int) -> Float[Array, "d m"]:
+def resolution_diagonals(R: Float[ArrayLike, "m m"], ndiag: int) -> Float[Array, "d m"]:
     """Diagonals of one fiber's resolution block, shape (2*ndiag+1, m).
 
     ``diags[d, j] = R[j + d - ndiag, j]`` (0 where that row is outside ``[0, m)``),
@@ -31,7 +31,7 @@ def resolution_diagonals(R: Float[Array, "m m"], ndiag: int) -> Float[Array, "d 
 
 
 def apply_resolution(
-    diags: Float[Array, "... d m"], flux: Float[Array, "... m"]
+    diags: Float[ArrayLike, "... d m"], flux: Float[ArrayLike, "... m"]
 ) -> Float[Array, "... m"]:
     """Convolve ``flux`` with the resolution matrix stored as diagonals: ``R @ flux``.
 

@@ -26,7 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float
 
 __all__ = ["sqrtm_sym", "inv_sqrtm_sym", "inv_sym", "eigen_threshold"]
 
@@ -150,7 +150,7 @@ def _apply(M, kind, threshold, method, iters):
 
 
 def sqrtm_sym(
-    M: Float[Array, "n n"],
+    M: Float[ArrayLike, "n n"],
     threshold: float | None = None,
     method: str = "eigh",
     iters: int = 40,
@@ -165,7 +165,7 @@ def sqrtm_sym(
 
 
 def inv_sqrtm_sym(
-    M: Float[Array, "n n"],
+    M: Float[ArrayLike, "n n"],
     threshold: float | None = None,
     method: str = "eigh",
     iters: int = 40,
@@ -175,7 +175,7 @@ def inv_sqrtm_sym(
 
 
 def inv_sym(
-    M: Float[Array, "n n"],
+    M: Float[ArrayLike, "n n"],
     threshold: float | None = None,
     method: str = "eigh",
     iters: int = 40,
