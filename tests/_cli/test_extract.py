@@ -256,7 +256,7 @@ def masked(sim, e2e):
     cols = np.arange(nx)[None, :]
 
     def kill_between(xlo, xhi):
-        ylo, yhi = (int(v) for v in np.asarray(psf.y(SPECMIN, [wext[0], wext[-1]])))
+        ylo, yhi = (int(v) for v in np.asarray(psf.y(SPECMIN, np.array([wext[0], wext[-1]]))))
         lo = np.interp(rows, np.asarray(psf.y(SPECMIN, wext)), xlo)[:, None]
         hi = np.interp(rows, np.asarray(psf.y(SPECMIN, wext)), xhi)[:, None]
         band = (cols > lo) & (cols < hi) & (rows[:, None] > ylo - 40) & (rows[:, None] < yhi + 40)

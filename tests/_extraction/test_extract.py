@@ -113,7 +113,7 @@ def test_masked_fiber_and_region_give_zero_ivar(small_frame):
     x7 = np.asarray(psf.x(7, wave))
     cols = np.arange(ivar.shape[1])
     ivar[:, (cols > x7.min() - psf.hsizex - 1.5) & (cols < x7.max() + psf.hsizex + 1.5)] = 0.0  # all its stamps reach
-    ylo, yhi = np.asarray(psf.y(0, [wave[40], wave[60]])).astype(int)
+    ylo, yhi = np.asarray(psf.y(0, np.array([wave[40], wave[60]]))).astype(int)
     ivar[ylo - 20:yhi + 20, :] = 0.0
     image = np.where(ivar > 0, f["image"], np.nan)  # NaN under the mask must not leak
     ex = _extract_small(f, image=image, ivar=ivar)
