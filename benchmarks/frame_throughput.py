@@ -11,8 +11,12 @@ extracts it with
   wavepad_frac 0, pixpad_frac 0),
 
 and prints, per setting: seconds per frame after compilation (median of
-``--repeat`` frames), compile time (first call minus a warm call), frames per
-GPU-hour, and the device's peak memory.  ``--check`` extracts a slice (one bundle
+``--repeat`` frames) with the patch geometry given (cut once per PSF, as the
+night's pipeline does in its reader threads; ``extract(..., geometry=...)``),
+compile time (first call minus a warm call), frames per GPU-hour, the device's peak
+memory, and the geometry's own host time (``geom s``: median of 3 cuts on the
+default device; ``--geometry-per-frame`` times ``extract`` cutting it in every call
+instead, as a lone ``jaxspec.extract`` call does).  ``--check`` extracts a slice (one bundle
 x 200 wavelengths) on the accelerator and on the CPU backend and prints the
 largest relative difference (must be <= 1e-10).  ``--stages`` times spots /
 normal equations / solve (Cholesky, inverse blocks, inverse square roots) /
@@ -45,9 +49,15 @@ _CANDIDATES = [
     _HERE.parents[2] / "shared" / "data" / "psf" / "psf-r0-00067784.fits",
 ]
 SETTINGS = {
-    "ref": dict(wavesize=50, wavepad_frac=0.2, pixpad_frac=0.8),
-    "gpu": dict(wavesize=30, wavepad_frac=0.0, pixpad_frac=0.0),
+    "ref": dict(nwavestep=50, wavepad_frac=0.2, pixpad_frac=0.8),
+    "gpu": dict(nwavestep=30, wavepad_frac=0.0, pixpad_frac=0.0),
 }
+
+
+def _options(setting: str, chunk_size: int | None = None):
+    import jaxspec
+
+    return jaxspec.ExtractOptions(chunk_size=chunk_size, **SETTINGS[setting])
 
 
 def _default_psf() -> str:
@@ -87,15 +97,22 @@ def _peak_bytes() -> int | None:
     return None if not st else int(st.get("peak_bytes_in_use", 0))
 
 
-def time_extract(psf, wave, image, ivar, xy, nspec, setting, chunk_size, repeat):
+def time_extract(psf, wave, image, ivar, xy, nspec, setting, chunk_size, repeat, geometry_per_frame=False):
     import jaxspec
+    from jaxspec._extraction.extract import patch_geometry_for
 
-    kw = dict(SETTINGS[setting])
+    opts = _options(setting, chunk_size)
     img = jnp.asarray(image)
     iv = jnp.asarray(ivar)
+    geom_times = []
+    for _ in range(3):  # the first cut compiles the PSF's small helpers
+        t0 = time.perf_counter()
+        geom = patch_geometry_for(psf, wave, 0, nspec, opts)
+        geom_times.append(time.perf_counter() - t0)
+    given = None if geometry_per_frame else geom
 
     def run():
-        ex = jaxspec.extract(img, iv, psf, wave, specmin=0, nspec=nspec, xyrange=xy, chunk_size=chunk_size, **kw)
+        ex = jaxspec.extract(img, iv, psf, wave, specmin=0, nspec=nspec, xyrange=xy, options=opts, geometry=given)
         jax.block_until_ready((ex.flux, ex.ivar, ex.resolution, ex.chi2pix))
         return ex
 
@@ -109,7 +126,8 @@ def time_extract(psf, wave, image, ivar, xy, nspec, setting, chunk_size, repeat)
         times.append(time.perf_counter() - t0)
     med = float(np.median(times))
     return ex, dict(first_s=first, median_s=med, min_s=float(min(times)), compile_s=first - med,
-                    frames_per_hour=3600.0 / med, times=times)
+                    frames_per_hour=3600.0 / med, times=times, geometry_per_frame=geometry_per_frame,
+                    geometry_s=float(np.median(geom_times[1:])), geometry_times=geom_times)
 
 
 def check_slice(psf, setting, nspec=25, nwave=200, chunk_size=None):
@@ -117,7 +135,7 @@ def check_slice(psf, setting, nspec=25, nwave=200, chunk_size=None):
     import jaxspec
 
     wave, image, ivar, xy = make_frame(psf, nspec, nwave, seed=1)
-    kw = dict(SETTINGS[setting])
+    opts = _options(setting, chunk_size)
     out = {}
     devs = [("default", jax.devices()[0])]
     if jax.devices()[0].platform != "cpu":
@@ -126,7 +144,7 @@ def check_slice(psf, setting, nspec=25, nwave=200, chunk_size=None):
         with jax.default_device(dev):
             p = jax.device_put(psf, dev)
             ex = jaxspec.extract(jax.device_put(jnp.asarray(image), dev), jax.device_put(jnp.asarray(ivar), dev),
-                                 p, wave, specmin=0, nspec=nspec, xyrange=xy, chunk_size=chunk_size, **kw)
+                                 p, wave, specmin=0, nspec=nspec, xyrange=xy, options=opts)
             out[name] = {k: np.asarray(getattr(ex, k)) for k in ("flux", "ivar", "resolution", "xflux", "chi2pix")}
     if len(out) == 1:
         return {"note": "CPU only: nothing to compare"}
@@ -158,7 +176,7 @@ def stage_times(psf, wave, image, ivar, xy, nspec, setting, chunk_size, repeat, 
     from jaxspec.solve._sqrtm import inv_sqrtm_sym
 
     kw = SETTINGS[setting]
-    geom = patch_geometry(psf, wave, 0, nspec, 25, 5, kw["wavesize"], kw["wavepad_frac"], kw["pixpad_frac"])
+    geom = patch_geometry(psf, wave, 0, nspec, 25, 5, kw["nwavestep"], kw["wavepad_frac"], kw["pixpad_frac"])
     ny, nx = psf.stamp_shape
     img, ivr, origin = _canvas(jnp.asarray(image), jnp.asarray(ivar), xy, geom, psf)
     nbin = _round_up(geom.nbin, 4)
@@ -250,6 +268,8 @@ def main() -> None:
     ap.add_argument("--no-frame", action="store_true", help="skip the whole-frame timing")
     ap.add_argument("--check", action="store_true", help="accelerator vs CPU on one bundle x 200 bins")
     ap.add_argument("--scaling", action="store_true", help="time 3 sizes (fibers x wavelengths)")
+    ap.add_argument("--geometry-per-frame", action="store_true",
+                    help="extract cuts the patch geometry in every call (default: cut once, given)")
     ap.add_argument("--json", default=None, help="write all numbers to this file")
     args = ap.parse_args()
 
@@ -284,7 +304,8 @@ def main() -> None:
                 print(f"  {name:18s} {v['per_patch_us']:9.1f} us/patch  -> {v['frame_s']:8.3f} s/frame"
                       f"  (chunk {v['chunk_s'] * 1e3:8.2f} ms, compile {v['compile_s']:.2f} s)")
         if not args.no_frame:
-            ex, r = time_extract(psf, wave, image, ivar, xy, args.nspec, s, args.chunk_size, args.repeat)
+            ex, r = time_extract(psf, wave, image, ivar, xy, args.nspec, s, args.chunk_size, args.repeat,
+                                 geometry_per_frame=args.geometry_per_frame)
             r["peak_bytes"] = _peak_bytes()
             r["finite"] = bool(np.isfinite(np.asarray(ex.flux)).all())
             report["results"][f"frame_{s}"] = r
@@ -301,11 +322,14 @@ def main() -> None:
             report["results"][f"scaling_{s}"] = sc
 
     if rows:
-        print(f"\n{'setting':8s} {'s/frame':>9s} {'min':>8s} {'frames/GPU-h':>13s} {'compile s':>10s} {'peak GB':>8s}")
+        how = "cut in every extract call" if args.geometry_per_frame else "cut once per PSF, given to extract"
+        print(f"\npatch geometry: {how}")
+        print(f"{'setting':8s} {'s/frame':>9s} {'min':>8s} {'frames/GPU-h':>13s} {'compile s':>10s} {'peak GB':>8s}"
+              f" {'geom s':>7s}")
         for s, r in rows:
             pk = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 1e9:.2f}"
             print(f"{s:8s} {r['median_s']:9.3f} {r['min_s']:8.3f} {r['frames_per_hour']:13.0f} "
-                  f"{r['compile_s']:10.2f} {pk:>8s}   finite={r['finite']}")
+                  f"{r['compile_s']:10.2f} {pk:>8s} {r['geometry_s']:7.3f}   finite={r['finite']}")
         print("established GPU code: 144 frames per GPU-hour (A100), 30.8 s/frame on one H100; target 7200 (0.5 s)")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))

@@ -46,19 +46,20 @@ def _round_up(n: int, m: int) -> int:
     return int(m * math.ceil(n / m))
 
 
-#: Static fields of the PSF models that only host code reads (the wavelength limits,
-#: for checks and default grids); the spots never do.  They follow from the traces,
-#: so every exposure's PSF file has its own values.
+#: Fields of the PSF models that only host code reads (the wavelength limits, for
+#: checks and default grids); the spots never do.  They follow from the traces, so
+#: every exposure's PSF file has its own values.
 _HOST_ONLY_STATIC = ("wmin", "wmax", "wmin_all", "wmax_all")
 
 
 def _kernel_psf(psf: PSF) -> PSF:
-    """``psf`` (the same arrays) with its host-only static fields at one fixed value.
+    """``psf`` (the same arrays) with its host-only *static* fields at one fixed value.
 
-    A PSF's static fields are part of the compiled kernel's cache key, so without this
-    each exposure's PSF would trace and compile the kernel anew (seconds per frame);
-    with it, frames whose PSFs differ only in their traces share one program.  The
-    spots are unchanged: the kernel never reads these fields.
+    A PSF's static fields are part of the compiled kernel's cache key.  The library's
+    models keep the wavelength limits as leaves (:func:`jaxspec.psf._base.wave_limit_field`),
+    so they come back unchanged; a PSF class that declares them static gets them set
+    to 0 here, so that frames whose PSFs differ only in their traces still share one
+    program.  The spots are unchanged: the kernel never reads these fields.
     """
     if not dataclasses.is_dataclass(psf):
         return psf
