@@ -2,14 +2,26 @@
 
 Perturbs the real PSF (trace shifts 0.2-0.4 px, sigma scales ~5%, GH offsets ~0.01,
 the same for every fiber's block), simulates a full-CCD arc and flat with the true
-PSF, fits with :func:`jaxspec._fit.fit_psf_ccd`, and reports the wall time (first
+PSF, fits with :func:`jaxspec.fit_psf_ccd`, and reports the wall time (first
 patch, i.e. compilation, separately), the chi2, and how well the traces were
 recovered (RMS of fitted - true x, y over fibers and wavelengths).
 
     python benchmarks/fit_psf_ccd.py [--psf PATH] [--small]   # --small: 2 bundles x 2 blocks (CPU)
+
+``--full`` times the full model instead (:func:`jaxspec.fit_psf_full`, issue 18):
+from another night's PSF (``--start``, default psf-r0-00051060.fits) to an arc and a
+flat simulated with ``--psf``, every bundle of ``--nspec`` fibers over ``--wavelength``
+fitted together (all GHSIGX, GHSIGY, GH-i-j and trace coefficients), reporting
+compilation apart, per-bundle status and chi2, and the trace and spot errors at 100
+random (fiber, wavelength) points per bundle:
+
+    python benchmarks/fit_psf_ccd.py --full [--nspec 500] [--wavelength 5610,7730] [--out DIR]
 """
 
 import argparse
+import json
+import os
+import pathlib
 import time
 
 import jax
@@ -20,13 +32,91 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxspec  # noqa: E402
-from jaxspec._simulation.calib import arc_lines, simulate_arc, simulate_flat  # noqa: E402
-from jaxspec._fit.fit import DEFAULT_GH_TERMS, apply_psf_params, fit_psf_ccd  # noqa: E402
+from jaxspec import DEFAULT_GH_TERMS, apply_psf_params, arc_lines, fit_psf_ccd, simulate_arc, simulate_flat  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-ap.add_argument("--psf", default="../shared/data/psf/psf-r0-00067784.fits")
+_data = pathlib.Path(__file__).resolve().parent.parent.parent / "shared/data/psf"
+ap.add_argument("--psf", default=str(_data / "psf-r0-00067784.fits"), help="the true PSF")
 ap.add_argument("--small", action="store_true", help="2 bundles x 2 wavelength blocks over 300 A (CPU)")
+ap.add_argument("--full", action="store_true", help="the full model (fit_psf_full) from --start")
+ap.add_argument("--start", default=str(_data / "psf-r0-00051060.fits"), help="--full: the starting PSF")
+ap.add_argument("--nspec", type=int, default=None, help="--full: fibers 0..nspec-1 (default all)")
+ap.add_argument("--bundlesize", type=int, default=25)
+ap.add_argument("--wavelength", default=None, help="--full: wmin,wmax (default the common range)")
+ap.add_argument("--legdeg-wave", type=int, default=None, help="--full: wavelength degree (default the file's)")
+ap.add_argument("--trace-deg", type=int, default=None, help="--full: trace degree (default the file's)")
+ap.add_argument("--maxiter", type=int, default=20)
+ap.add_argument("--rows-per-block", type=int, default=128)
+ap.add_argument("--patches-per-call", type=int, default=64)
+ap.add_argument("--out", default=None, help="--full: write summary.json (and the fitted PSF) here")
 args = ap.parse_args()
+
+
+def full_model():
+    """The full model from another night's PSF; prints and returns a summary."""
+    truth = jaxspec.read_psf(args.psf)
+    start = jaxspec.read_psf(args.start)
+    nspec = truth.nspec if args.nspec is None else args.nspec
+    wr = ((truth.wmin_all, truth.wmax_all) if args.wavelength is None
+          else tuple(float(v) for v in args.wavelength.split(",")))
+    print(f"device: {jax.devices()[0]}; full model, {nspec} fibers, {wr[0]:.0f}-{wr[1]:.0f} A, start {args.start}",
+          flush=True)
+    t0 = time.perf_counter()
+    box = truth.xyrange((0, nspec), (wr[0] - 50, wr[1] + 50))
+    box = (0, min(box[1] + 12, truth.npix_x), max(box[2] - 20, 0), min(box[3] + 20, truth.npix_y))
+    lines = arc_lines("r")
+    arc = simulate_arc(truth, lines, specmin=0, nspec=nspec, xyrange=box, seed=1)
+    flat = simulate_flat(truth, specmin=0, nspec=nspec, xyrange=box, seed=2)
+    t_sim = time.perf_counter() - t0
+    print(f"simulated arc + flat {arc.image.shape} in {t_sim:.1f} s", flush=True)
+
+    def bundle_done(st, n):
+        print(f"  bundle {st.bundle:2d} fibers {st.fibers[0]:3d}-{st.fibers[-1]:3d}: status {st.status} "
+              f"chi2/dof {st.reduced_chi2:.4f}", flush=True)
+
+    t0 = time.perf_counter()
+    res = jaxspec.fit_psf_full(start, [arc], [flat], lines=lines, specmin=0, nspec=nspec,
+                               bundlesize=args.bundlesize, waverange=wr, legdeg_wave=args.legdeg_wave,
+                               trace_deg=args.trace_deg, maxiter=args.maxiter, rows_per_block=args.rows_per_block,
+                               patches_per_call=args.patches_per_call, bundle_progress=bundle_done,
+                               callback=lambda b, it, c, st, lam: None)
+    total = time.perf_counter() - t0
+    fits = [f for f in res.fits if f is not None]
+    comp = max(f.compile_seconds for f in fits) if fits else float("nan")
+    rng = np.random.default_rng(0)
+    rows = []
+    for st, fr in zip(res.bundles, res.fits):
+        f = rng.integers(st.fibers[0], st.fibers[-1] + 1, 100)
+        w = rng.uniform(wr[0] + 5, wr[1] - 5, 100)
+        out = {}
+        for name, p in (("start", start), ("fit", res.psf)):
+            dx = np.asarray(p.x(f, w) - truth.x(f, w))
+            dy = np.asarray(p.y(f, w) - truth.y(f, w))
+            xa, ya, a = (np.asarray(v) for v in p.spots(f, w))
+            xb, yb, b = (np.asarray(v) for v in truth.spots(f, w))
+            same = (xa == xb) & (ya == yb)
+            out[name] = [float(np.sqrt(np.mean(dx**2))), float(np.sqrt(np.mean(dy**2))),
+                         float(np.abs(a - b)[same].max()), float(same.mean())]
+        rows.append(dict(bundle=st.bundle, status=st.status, rchi2=st.reduced_chi2,
+                         niter=None if fr is None else fr.niter, start=out["start"], fit=out["fit"]))
+        print(f"  bundle {st.bundle:2d}: x rms {out['start'][0]:.4f} -> {out['fit'][0]:.4f} px, y rms "
+              f"{out['start'][1]:.4f} -> {out['fit'][1]:.4f} px, max |spot diff| {out['start'][2]:.2e} -> "
+              f"{out['fit'][2]:.2e}" + ("" if fr is None else f", {fr.niter} iterations"), flush=True)
+    summary = dict(device=str(jax.devices()[0]), nspec=nspec, waverange=wr, total_s=total, compile_s=comp,
+                   after_compile_s=total - comp, simulate_s=t_sim, bundles=rows)
+    print(f"full-model fit: {len(res.bundles)} bundles in {total:.1f} s, compilation {comp:.1f} s, "
+          f"after compilation {total - comp:.1f} s", flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=1)
+        jaxspec.write_psf(os.path.join(args.out, "psf-fit.fits"), res.psf, overwrite=True, header=res.header())
+    return summary
+
+
+if args.full:
+    full_model()
+    raise SystemExit(0)
 
 psf = jaxspec.read_psf(args.psf)
 nspec, nblocks = (50, 2) if args.small else (psf.nspec, 8)

@@ -8,6 +8,7 @@ science frame with the fitted and the perturbed PSF.  Writes fit_psf.png.
     python examples/fit_psf.py [path/to/psf-r0-00067784.fits]
 """
 
+import pathlib
 import sys
 import time
 
@@ -23,10 +24,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxspec  # noqa: E402
-from jaxspec._simulation.calib import arc_lines, simulate_arc, simulate_flat  # noqa: E402
-from jaxspec._fit.fit import DEFAULT_GH_TERMS, apply_psf_params, fit_psf  # noqa: E402
+from jaxspec import arc_lines, simulate_arc, simulate_flat  # noqa: E402
+from jaxspec import DEFAULT_GH_TERMS, apply_psf_params, fit_psf  # noqa: E402
 
-path = sys.argv[1] if len(sys.argv) > 1 else "../shared/data/psf/psf-r0-00067784.fits"
+# the PSF: argv[1], else ../shared beside the repository (found from this file, so the
+# example runs from any working directory)
+_here = pathlib.Path(__file__).resolve().parent
+path = sys.argv[1] if len(sys.argv) > 1 else str(_here.parent.parent / "shared/data/psf/psf-r0-00067784.fits")
 psf = jaxspec.read_psf(path)
 nf, fibers, waverange = 25, np.arange(25), (6320.0, 6480.0)
 

@@ -9,6 +9,7 @@ re-extracts, and compares the scatter of the flux with the propagated sigma.
     python examples/psf_uncertainty.py [path/to/psf-r0-00067784.fits]
 """
 
+import pathlib
 import sys
 
 import jax
@@ -19,10 +20,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxspec  # noqa: E402
-from jaxspec._simulation.calib import arc_lines, simulate_arc, simulate_flat  # noqa: E402
-from jaxspec._fit.fit import apply_psf_params, fit_psf, flux_jacobian, propagate_psf_uncertainty  # noqa: E402
+from jaxspec import arc_lines, simulate_arc, simulate_flat  # noqa: E402
+from jaxspec import apply_psf_params, fit_psf, flux_jacobian, propagate_psf_uncertainty  # noqa: E402
 
-path = sys.argv[1] if len(sys.argv) > 1 else "../shared/data/psf/psf-r0-00067784.fits"
+# the PSF: argv[1], else ../shared beside the repository (found from this file, so the
+# example runs from any working directory)
+_here = pathlib.Path(__file__).resolve().parent
+path = sys.argv[1] if len(sys.argv) > 1 else str(_here.parent.parent / "shared/data/psf/psf-r0-00067784.fits")
 psf = jaxspec.read_psf(path)
 nf, fibers, wr = 5, np.arange(5), (6370.0, 6420.0)
 box = list(psf.xyrange((0, nf), (wr[0] - 30, wr[1] + 30)))

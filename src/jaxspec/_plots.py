@@ -25,7 +25,7 @@ import numpy as np
 
 from ._io.atomic import atomic_write, check_output_path
 
-__all__ = ["chi2pix_panel", "image_panels", "plot_extraction", "plot_frame", "spectra_panel"]
+__all__ = ["chi2pix_panel", "image_panels", "plot_extraction", "plot_fit_residuals", "plot_frame", "spectra_panel"]
 
 _PULL_RANGE = 5.0  # colour range of pull panels, in sigma
 
@@ -296,3 +296,47 @@ def _frame_figure(frame, fibers=None, image=None, model=None, ivar=None, region=
         ax.set_axis_off()
     fig.suptitle(title if title is not None else _frame_title(frame), fontsize=10)
     return fig
+
+
+def plot_fit_residuals(path: str, fits, max_patches: int = 4, overwrite: bool = False) -> str:
+    """PNG of data, model and (data - model) sqrt(ivar) for the first patches of a PSF fit.
+
+    Args:
+        path: the PNG to write (atomically).
+        fits: :class:`jaxspec.FitResult` s (their ``xyrange``, ``kinds``, ``data``,
+            ``ivar``, ``model``, ``fibers``, ``reduced_chi2``).
+        max_patches: how many fits to draw.
+        overwrite: replace an existing file.
+
+    Axes are CCD columns and rows [pixels]; every panel has a labelled colour bar
+    (photons for data and model, sigma for the residual).
+    """
+    fits = list(fits)[:max_patches]
+    nimg = sum(len(f.kinds) for f in fits)
+    fig = _figure(figsize=(11, 2.8 * nimg))
+    axes = fig.subplots(nimg, 3, squeeze=False)
+    row = 0
+    for f in fits:
+        x0, x1, y0, y1 = f.xyrange
+        ext = (x0 - 0.5, x1 - 0.5, y0 - 0.5, y1 - 0.5)
+        for kind, d, iv, m in zip(f.kinds, f.data, f.ivar, f.model):
+            vmax = np.percentile(d[iv > 0], 99.5) if np.any(iv > 0) else 1.0
+            r = (d - m) * np.sqrt(iv)
+            for ax, img, title, kw, clabel in (
+                (axes[row, 0], d, f"{kind} data", dict(vmin=0, vmax=vmax, cmap="gray"), "photons / pixel"),
+                (axes[row, 1], m, "model", dict(vmin=0, vmax=vmax, cmap="gray"), "photons / pixel"),
+                (axes[row, 2], r, f"residual (chi2/dof {f.reduced_chi2:.3f})",
+                 dict(vmin=-4, vmax=4, cmap="RdBu_r"), "(data - model) / sigma"),
+            ):
+                im = ax.imshow(img, origin="lower", extent=ext, aspect="auto", interpolation="nearest", **kw)
+                ax.set_title(f"{title}, fibers {f.fibers[0]}-{f.fibers[-1]}", fontsize=8)
+                ax.set_xlabel("CCD column x [pixel]", fontsize=7)
+                ax.set_ylabel("CCD row y [pixel]", fontsize=7)
+                ax.tick_params(labelsize=7)
+                cb = fig.colorbar(im, ax=ax)
+                cb.set_label(clabel, fontsize=7)
+                cb.ax.tick_params(labelsize=6)
+            row += 1
+    fig.tight_layout()
+    return atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=90), overwrite=overwrite)
+

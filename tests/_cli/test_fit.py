@@ -6,7 +6,7 @@ import pytest
 
 import jaxspec
 from jaxspec._cli.main import main
-from jaxspec._fit.fit import apply_psf_params
+from jaxspec import apply_psf_params
 
 PSF_NAME = "psf-r0-00067784.fits"
 WAVE = "5800,5900"
@@ -78,3 +78,88 @@ def test_fit_psf_refuses_to_overwrite_and_bad_options(cli_run, capsys):
     assert main([*base, *out, "--flat", str(d / "flat.fits"), "--nspec", "501"]) == 2
     assert "fibers 0..499" in capsys.readouterr().err
     assert not (d / "other.fits").exists()
+
+
+def test_fit_psf_refuses_to_replace_its_own_input(cli_run, capsys):
+    """-o PSF --psf-init PSF --overwrite: refused before any work, the input untouched."""
+    d = cli_run["d"]
+    init = d / "psf-init.fits"
+    before = init.read_bytes()
+    argv = ["fit-psf", "--flat", str(d / "flat.fits"), "--psf-init", str(init), "-o", str(init), "--overwrite",
+            "--specmin", "0", "--nspec", "5", "--bundlesize", "5", "--nblocks", "1", "--wavelength", WAVE]
+    assert main(argv) == 2
+    assert "input PSF" in capsys.readouterr().err
+    assert init.read_bytes() == before
+
+
+def test_fitted_files_respect_the_umask(cli_run):
+    """The fitted PSF and the residual plot are ordinary files: 0666 & ~umask (0644 under 022)."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    d = cli_run["d"]
+    for name in ("psf-fit.fits", "resid.png"):
+        assert (d / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+    assert not [p for p in d.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_fitted_psf_has_bundle_status(cli_run):
+    """Per-bundle chi2 / status keys (specex's BnnRCHI2, BnnNDATA, BnnNPAR, plus BnnSTAT) in the PSF HDU."""
+    from astropy.io import fits
+
+    with fits.open(cli_run["d"] / "psf-fit.fits") as h:
+        hdr = h["PSF"].header
+        # (this fixture's line list leaves most lamp lines unmodelled: chi2/dof well above 1)
+        assert hdr["B00STAT"] == 0 and hdr["B00RCHI2"] > 1.0
+        assert hdr["B00NDATA"] > 1000 and hdr["B00NPAR"] > 20
+        assert "B01STAT" not in hdr  # one bundle fitted
+        status = h["PSF"].data["COEFF"][list(h["PSF"].data["PARAM"]).index("STATUS")]
+        assert np.all(status[:5] == 0)
+
+
+def test_fit_psf_block_without_lines_fails_before_fitting(cli_run, capsys):
+    """A wavelength block without arc lines is found before the first block is fitted: exit 2, no output."""
+    import time
+
+    d = cli_run["d"]
+    lines = d / "two-lines.txt"
+    lines.write_text("5852.488\n5881.895\n")
+    out = d / "never.fits"
+    argv = ["fit-psf", "--arc", str(d / "arc.fits"), "--flat", str(d / "flat.fits"), "--psf-init",
+            str(d / "psf-init.fits"), "-o", str(out), "--specmin", "0", "--nspec", "5", "--bundlesize", "5",
+            "--nblocks", "2", "--wavelength", "5800,6000", "--lines", str(lines)]
+    t0 = time.perf_counter()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no arc line falls" in err and "--lines" in err
+    assert time.perf_counter() - t0 < 10.0  # no fitting happened
+    assert not out.exists()
+
+
+def test_fit_psf_arc_without_light_fails_before_fitting(cli_run, capsys):
+    """Lines listed where the arc has no lamp light (here: fibers the arc does not light): exit 2."""
+    d = cli_run["d"]
+    out = d / "never2.fits"
+    argv = ["fit-psf", "--arc", str(d / "arc.fits"), "--psf-init", str(d / "psf-init.fits"), "-o", str(out),
+            "--specmin", "5", "--nspec", "5", "--bundlesize", "5", "--nblocks", "1", "--wavelength", WAVE]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no lamp light" in err or "no valid pixel" in err
+    assert not out.exists()
+
+
+def test_fit_psf_full_model_options_checked_before_fitting(cli_run, capsys):
+    """--model full with specex's option names: bad degrees and unsupported options refused at once."""
+    d = cli_run["d"]
+    out = d / "psf-full.fits"
+    base = ["fit-psf", "--input-image", str(d / "arc.fits"), "--input-image", str(d / "flat.fits"),
+            "--input-psf", str(d / "psf-init.fits"), "-o", str(out), "-s", "0", "-n", "5", "--bundlesize", "5",
+            "--model", "full", "--wavelength", WAVE]
+    assert main([*base, "--legendre-deg-wave", "9"]) == 2
+    assert "--legendre-deg-wave 9" in capsys.readouterr().err
+    assert main([*base, "--legendre-deg-x", "5"]) == 2
+    assert "--legendre-deg-x 5" in capsys.readouterr().err
+    assert main([*base, "--plot", str(d / "full.png")]) == 2
+    assert "--plot" in capsys.readouterr().err
+    assert not out.exists()

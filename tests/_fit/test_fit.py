@@ -1,4 +1,4 @@
-"""PSF calibration by Gauss-Newton / Levenberg-Marquardt (jaxspec._fit.fit).
+"""PSF calibration by Gauss-Newton / Levenberg-Marquardt (jaxspec._fit).
 
 The acceptance case of issue 7: the real r0 PSF with its parameters perturbed
 (traces shifted by 0.2-0.4 pixel, GHSIGX/GHSIGY scaled by ~5%, five GH terms
@@ -18,15 +18,15 @@ import pytest
 
 import jaxspec
 from jaxspec._simulation.calib import arc_lines, simulate_arc, simulate_flat
-from jaxspec._fit.fit import (
+from jaxspec import (
     DEFAULT_GH_TERMS,
-    _normal_equations,
     apply_psf_params,
     calib_patch,
     fit_psf,
     flux_jacobian,
     propagate_psf_uncertainty,
 )
+from jaxspec._fit.patch import _normal_equations
 
 PSF_NAME = "psf-r0-00067784.fits"
 WAVERANGE = (6320.0, 6480.0)

@@ -2,7 +2,7 @@
 
 ``simulate-calib`` writes a simulated arc-lamp or continuum-flat exposure as a
 preproc file; ``fit-psf`` fits a Gauss-Hermite PSF to such exposures (bundle by
-bundle, in wavelength blocks, see :func:`jaxspec._fit.fit_psf_ccd`) and writes
+bundle, in wavelength blocks, see :func:`jaxspec.fit_psf_ccd`) and writes
 it in the DESI GAUSS-HERMITE format, with an optional PNG of the residuals.
 Wired into the command line by :func:`jaxspec._cli.build_parser` through
 :func:`add_parser`.
@@ -15,13 +15,12 @@ import logging
 import os
 import time
 
+from .common import UsageError
+
 log = logging.getLogger("jaxspec")
 
 
-def _usage_error(msg: str) -> Exception:
-    from .main import UsageError  # lazy: _cli imports this module
-
-    return UsageError(msg)
+_usage_error = UsageError
 
 
 def _parse_range(text: str | None, option: str):
@@ -102,41 +101,10 @@ def cmd_simulate_calib(args) -> int:
 
 
 # ---------------------------------------------------------------- fit-psf
-def plot_fit_residuals(path: str, fits, max_patches: int = 4) -> str:
-    """PNG of data, model and (data - model) sqrt(ivar) for the first patches of a fit."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fits = list(fits)[:max_patches]
-    nimg = sum(len(f.kinds) for f in fits)
-    fig, axes = plt.subplots(nimg, 3, figsize=(9, 2.6 * nimg), squeeze=False)
-    row = 0
-    for f in fits:
-        x0, x1, y0, y1 = f.xyrange
-        ext = (x0 - 0.5, x1 - 0.5, y0 - 0.5, y1 - 0.5)
-        for kind, d, iv, m in zip(f.kinds, f.data, f.ivar, f.model):
-            vmax = np.percentile(d[iv > 0], 99.5) if np.any(iv > 0) else 1.0
-            r = (d - m) * np.sqrt(iv)
-            for ax, img, title, kw in (
-                (axes[row, 0], d, f"{kind} data", dict(vmin=0, vmax=vmax, cmap="gray")),
-                (axes[row, 1], m, "model", dict(vmin=0, vmax=vmax, cmap="gray")),
-                (axes[row, 2], r, f"residual / sigma (chi2/dof {f.reduced_chi2:.3f})",
-                 dict(vmin=-4, vmax=4, cmap="RdBu_r")),
-            ):
-                im = ax.imshow(img, origin="lower", extent=ext, aspect="auto", interpolation="nearest", **kw)
-                ax.set_title(f"{title}, fibers {f.fibers[0]}-{f.fibers[-1]}", fontsize=8)
-                ax.tick_params(labelsize=7)
-            fig.colorbar(im, ax=axes[row, 2])
-            row += 1
-    fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+def _same_file(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def cmd_fit_psf(args) -> int:
@@ -144,10 +112,30 @@ def cmd_fit_psf(args) -> int:
     import numpy as np
 
     from .._io import frames as _frameio
-    from .._fit.fit import ALL_WHAT, fit_psf_ccd
+    from .._fit import ALL_WHAT, fit_psf_ccd
     from ..psf import write_psf
 
     t0 = time.perf_counter()
+    if args.psf_init is None:
+        raise _usage_error("give the starting PSF (--input-psf / --psf-init)")
+    for p in args.input_image:  # specex's --input-image: arc or flat by the file's FLAVOR
+        if not os.path.exists(p):
+            raise _usage_error(f"--input-image {p}: no such file")
+        flavor = str(_frameio.read_preproc(p).header.get("FLAVOR", "")).strip().upper()
+        if flavor not in ("ARC", "FLAT"):
+            raise _usage_error(f"--input-image {p}: FLAVOR {flavor!r} in its header; need ARC or FLAT "
+                               "(or give it with --arc / --flat)")
+        (args.arc if flavor == "ARC" else args.flat).append(p)
+    if args.model == "full" and args.plot is not None:
+        raise _usage_error("--plot is not available with --model full yet")
+    if _same_file(args.output, args.psf_init):
+        raise _usage_error(f"-o {args.output} is the input PSF (--psf-init): write the fit to another file")
+    if args.plot is not None and (_same_file(args.plot, args.output) or _same_file(args.plot, args.psf_init)):
+        raise _usage_error(f"--plot {args.plot}: the same file as the input or output PSF")
+    for opt, paths in (("--arc", args.arc), ("--flat", args.flat)):
+        for p in paths:
+            if _same_file(args.output, p) or (args.plot is not None and _same_file(args.plot, p)):
+                raise _usage_error(f"{opt} {p}: the same file as an output (-o / --plot)")
     _frameio.check_output_path(args.output, args.overwrite)
     if args.plot is not None:
         _frameio.check_output_path(args.plot, args.overwrite)
@@ -158,9 +146,10 @@ def cmd_fit_psf(args) -> int:
             if not os.path.exists(p):
                 raise _usage_error(f"{opt} {p}: no such file")
     what = tuple(w.strip() for w in args.what.split(",") if w.strip())
-    bad = [w for w in what if w not in ALL_WHAT]
+    block_what = tuple(w for w in ALL_WHAT if w != "shape")  # the full model is --model full
+    bad = [w for w in what if w not in block_what]
     if bad or not what:
-        raise _usage_error(f"--what {args.what!r}: choose from {','.join(ALL_WHAT)}")
+        raise _usage_error(f"--what {args.what!r}: choose from {','.join(block_what)} (or use --model full)")
     if args.bundlesize < 1 or args.nblocks < 1 or args.maxiter < 1:
         raise _usage_error("--bundlesize, --nblocks and --maxiter must be positive")
     psf = _read_gh_psf(args.psf_init, "--psf-init")
@@ -180,24 +169,68 @@ def cmd_fit_psf(args) -> int:
                  done, total, fr.fibers[0], fr.fibers[-1], fr.xyrange[2], fr.xyrange[3], fr.niter,
                  fr.reduced_chi2, fr.seconds)
 
+    def bundle_done(st, nbundles):
+        state = ("converged", "NOT converged", "FAILED (input kept)")[st.status]
+        log.info("bundle %d (fibers %d-%d): %s, chi2/dof %.4f%s", st.bundle, st.fibers[0], st.fibers[-1], state,
+                 st.reduced_chi2, f": {st.message}" if st.message else "")
+
+    if args.model == "full":
+        return _fit_full(args, psf, arcs, flats, lines, specmin, nspec, wr, t0, bundle_done)
     log.info("fitting %s of fibers %d-%d from %d arc(s) and %d flat(s)",
              ",".join(what), specmin, specmin + nspec - 1, len(arcs), len(flats))
-    fitted, fits = fit_psf_ccd(
-        psf, arcs, flats, lines=lines, specmin=specmin, nspec=nspec, bundlesize=args.bundlesize,
-        nblocks=args.nblocks, waverange=wr, progress=progress, what=what, maxiter=args.maxiter,
-    )
-    path = write_psf(args.output, fitted, overwrite=args.overwrite)
-    if args.plot is not None:
-        plot_fit_residuals(args.plot, fits)
+    try:
+        result = fit_psf_ccd(
+            psf, arcs, flats, lines=lines, specmin=specmin, nspec=nspec, bundlesize=args.bundlesize,
+            nblocks=args.nblocks, waverange=wr, progress=progress, bundle_progress=bundle_done, what=what,
+            maxiter=args.maxiter,
+        )
+    except ValueError as err:  # found by the checks that run before any fitting
+        raise _usage_error(str(err)) from None
+    fits = result.fits
+    path = write_psf(args.output, result.psf, overwrite=args.overwrite, header=result.header())
+    if args.plot is not None and fits:
+        from .._plots import plot_fit_residuals
+
+        plot_fit_residuals(args.plot, fits, overwrite=args.overwrite)
         log.info("wrote %s", args.plot)
     chi2 = sum(f.chi2 for f in fits)
     ndof = sum(f.ndof for f in fits)
     nconv = sum(f.converged for f in fits)
+    nfail = sum(b.status == 2 for b in result.bundles)
     dx = [np.abs(f.params["dx"][:, 0]).max() for f in fits if "dx" in f.params]
     print(f"jaxspec fit-psf: {len(fits)} patches ({nconv} converged), chi2/dof {chi2 / max(ndof, 1):.4f}"
           + (f", largest x shift {max(dx):.3f} px" if dx else "")
+          + (f", {nfail} of {len(result.bundles)} bundles FAILED (input coefficients kept, flagged)" if nfail else "")
           + f", {time.perf_counter() - t0:.1f} s -> {os.path.abspath(path)}")
-    return 0
+    return 3 if nfail == len(result.bundles) else 0
+
+
+def _fit_full(args, psf, arcs, flats, lines, specmin, nspec, wr, t0, bundle_done) -> int:
+    """``fit-psf --model full``: every coefficient of every bundle (:func:`jaxspec.fit_psf_full`)."""
+    from .._fit import fit_psf_full
+    from ..psf import write_psf
+
+    ncoef = psf.params.shape[2]
+    if args.legendre_deg_wave is not None and not 0 <= args.legendre_deg_wave < ncoef:
+        raise _usage_error(f"--legendre-deg-wave {args.legendre_deg_wave}: the PSF stores {ncoef} wavelength "
+                           f"coefficients, so 0..{ncoef - 1}")
+    if not 0 <= args.legendre_deg_x < args.bundlesize:
+        raise _usage_error(f"--legendre-deg-x {args.legendre_deg_x}: need 0..{args.bundlesize - 1}")
+    log.info("fitting the full model of fibers %d-%d from %d arc(s) and %d flat(s)",
+             specmin, specmin + nspec - 1, len(arcs), len(flats))
+    try:
+        result = fit_psf_full(psf, arcs, flats, lines=lines, specmin=specmin, nspec=nspec,
+                              bundlesize=args.bundlesize, waverange=wr, legdeg_wave=args.legendre_deg_wave,
+                              legdeg_fiber=args.legendre_deg_x, maxiter=args.maxiter, bundle_progress=bundle_done)
+    except ValueError as err:  # found by the checks that run before any fitting
+        raise _usage_error(str(err)) from None
+    path = write_psf(args.output, result.psf, overwrite=args.overwrite, header=result.header())
+    nfail = sum(b.status == 2 for b in result.bundles)
+    nconv = sum(b.status == 0 for b in result.bundles)
+    print(f"jaxspec fit-psf --model full: {len(result.bundles)} bundles ({nconv} converged"
+          + (f", {nfail} FAILED: input coefficients kept, flagged" if nfail else "")
+          + f"), {time.perf_counter() - t0:.1f} s -> {os.path.abspath(path)}")
+    return 3 if nfail == len(result.bundles) else 0
 
 
 def add_parser(subparsers, common) -> argparse.ArgumentParser:
@@ -232,12 +265,22 @@ def add_parser(subparsers, common) -> argparse.ArgumentParser:
     )
     p.add_argument("--arc", action="append", default=[], metavar="IMAGE", help="arc preproc file (repeatable)")
     p.add_argument("--flat", action="append", default=[], metavar="IMAGE", help="flat preproc file (repeatable)")
-    p.add_argument("--psf-init", required=True, metavar="PSF", help="starting GAUSS-HERMITE PSF file")
+    p.add_argument("--input-image", action="append", default=[], metavar="IMAGE",
+                   help="arc or flat preproc file, by its FLAVOR header key (repeatable; specex's name)")
+    p.add_argument("--psf-init", "--input-psf", dest="psf_init", default=None, metavar="PSF",
+                   help="starting GAUSS-HERMITE PSF file (e.g. another night's)")
+    p.add_argument("--model", choices=("blocks", "full"), default="blocks",
+                   help="blocks: corrections per bundle x wavelength block (default); full: every trace and "
+                        "shape coefficient of each bundle at once (issue 18)")
+    p.add_argument("--legendre-deg-wave", type=int, default=None,
+                   help="--model full: wavelength Legendre degree of the shape parameters (default: the file's)")
+    p.add_argument("--legendre-deg-x", type=int, default=1,
+                   help="--model full: fiber Legendre degree inside a bundle (specex's LEGDEGX, default 1)")
     p.add_argument("-o", "--output", required=True, metavar="PSF", help="output PSF file")
     p.add_argument("--lines", default=None,
                    help="arc lines: one wavelength [A] per row (default: the built-in lamp list)")
-    p.add_argument("--specmin", type=int, default=0, help="first fiber to fit (default 0)")
-    p.add_argument("--nspec", type=int, default=None,
+    p.add_argument("-s", "--specmin", type=int, default=0, help="first fiber to fit (default 0)")
+    p.add_argument("-n", "--nspec", type=int, default=None,
                    help="number of fibers to fit (default: to the last); the others are copied")
     p.add_argument("--bundlesize", type=int, default=25, help="fibers fitted together (default 25)")
     p.add_argument("--nblocks", type=int, default=8, help="wavelength blocks per bundle (default 8)")

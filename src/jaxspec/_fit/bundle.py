@@ -1,0 +1,460 @@
+"""The full model of one bundle: every trace and shape coefficient, fitted over all its rows at once.
+
+The bundle's CCD rows are cut into blocks of ``rows_per_block`` rows (all of one
+shape, so one compiled function serves every block, vmapped over them).  The
+PSF parameters are shared by the blocks: per-fiber offsets of the first
+``trace_deg + 1`` Legendre coefficients of the x and y traces, and the full
+model ``pc`` (every GHSIGX, GHSIGY and GH-i-j but GH-0-0 as a Legendre series of
+degree ``legdeg_fiber`` over the bundle's fibers and ``legdeg_wave`` in
+wavelength, added to the starting PSF's coefficients: the file's own form).
+The line fluxes and flat amplitudes are linear and local to a block.
+
+Many bundles (the whole CCD, :func:`fit_psf_full`) are fitted together: all
+their blocks are padded to one shape (a bundle with fewer blocks gets blocks of
+zero weight), stacked, and evaluated ``patches_per_call`` at a time by one
+compiled, vmapped function; each bundle keeps its own Levenberg-Marquardt
+damping, the bundles stepping in lockstep.
+
+Each Gauss-Newton iteration builds every block's ``J^T J``, ``J^T r``
+(:meth:`CalibPatch.normal_equations`), eliminates the block's linear
+parameters on the device (Schur complement), sums the reduced PSF systems,
+and takes a Levenberg-Marquardt step on the PSF parameters with the linear
+ones following at their conditional optimum.  The PSF covariance is the
+inverse of the summed reduced system (marginalised over fluxes).  The spots
+stay normalised (the model divides by the stamp sum, GH-0-0 is fixed); a step
+that makes a width non-positive gives a non-finite chi2 and is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._simulation.calib import LineList
+from ..psf._gausshermite import GaussHermitePSF
+from .ccd import STATUS_FAILED, STATUS_NOT_CONVERGED, STATUS_OK, BundleStatus, CCDFit
+from .params import apply_psf_params, shape_terms_of
+from .patch import CalibPatch, calib_patch
+
+log = logging.getLogger("jaxspec.fit")
+
+__all__ = ["BundleFit", "fit_bundle", "fit_psf_full"]
+
+
+@dataclasses.dataclass
+class BundleFit:
+    """Outcome of :func:`fit_bundle`.
+
+    Attributes:
+        psf: the starting PSF with this bundle's fitted coefficients (inverse trace refitted).
+        params: ``dx``, ``dy`` ``(nf, trace_deg + 1)`` [pixels] trace-coefficient
+            offsets, ``pc`` ``(nterm, legdeg_fiber + 1, legdeg_wave + 1)`` shape offsets.
+        errors: their 1-sigma uncertainties (Gauss-Newton, marginalised over fluxes).
+        cov: ``(npsf, npsf)`` covariance of the flat PSF parameters (``dx``, ``dy``, ``pc`` order).
+        chi2, ndata, npar: pixel chi2, fitted pixels, free parameters (PSF + linear).
+        niter, converged, chi2_history: iterations, stopping rule met, chi2 per iteration.
+        fibers, boxes: the fibers and the pixel box of every block.
+        shape_terms: the parameter names of ``pc``'s rows.
+        psf_init: the starting PSF.
+        seconds: wall time of the fit (set-up, compilation and all bundles fitted with it);
+        compile_seconds: its compilation (first call of each compiled function less a later call).
+    """
+
+    psf: GaussHermitePSF
+    params: dict
+    errors: dict
+    cov: np.ndarray
+    chi2: float
+    ndata: int
+    npar: int
+    niter: int
+    converged: bool
+    chi2_history: list
+    fibers: np.ndarray
+    boxes: list
+    shape_terms: tuple
+    psf_init: GaussHermitePSF | None = None
+    seconds: float = 0.0
+    compile_seconds: float = 0.0
+
+    @property
+    def psf_cov(self) -> np.ndarray:
+        """The PSF covariance (``cov``; for :func:`propagate_psf_uncertainty` with :func:`flux_jacobian`)."""
+        return self.cov
+
+    @property
+    def reduced_chi2(self) -> float:
+        """chi2 / (ndata - npar)."""
+        return float(self.chi2 / max(self.ndata - self.npar, 1))
+
+
+def _stack(patches: Sequence[CalibPatch]) -> CalibPatch:
+    return jax.tree.map(lambda *a: jnp.stack(a), *patches)
+
+
+def _schur_one(patch: CalibPatch, theta, npsf: int):
+    """One block: chi2 and its normal equations with the block's linear parameters eliminated."""
+    chi2, a, b = patch.normal_equations(patch.unflatten(theta))
+    agg, agl, all_ = a[:npsf, :npsf], a[:npsf, npsf:], a[npsf:, npsf:]
+    bg, bl = b[:npsf], b[npsf:]
+    d = jnp.diagonal(all_)
+    active = d > 0
+    sc = jnp.where(active, 1.0 / jnp.sqrt(jnp.where(active, d, 1.0)), 0.0)
+    als = all_ * sc[:, None] * sc[None, :] + jnp.diag(jnp.where(active, 0.0, 1.0))
+    rhs = jnp.concatenate([agl.T * sc[:, None], (bl * sc)[:, None]], axis=1)
+    x = jnp.linalg.solve(als, rhs) * sc[:, None]  # (nloc, npsf + 1): A_ll^-1 [A_lg, b_l]
+    s = agg - agl @ x[:, :npsf]
+    r = bg - agl @ x[:, npsf]
+    return chi2, s, r, x[:, :npsf], x[:, npsf], active
+
+
+@eqx.filter_jit
+def _schur_chunk(patches: CalibPatch, tgp, tl, seg, nseg: int):
+    """One call's blocks: chi2, R, X_g, x_b, active per block; S summed per bundle (``seg``)."""
+    npsf = tgp.shape[-1]
+    th = jnp.concatenate([tgp, tl], axis=1)
+    c, s, r, xg, xb, act = jax.vmap(lambda p, t: _schur_one(p, t, npsf))(patches, th)
+    return c, jax.ops.segment_sum(s, seg, num_segments=nseg), r, xg, xb, act
+
+
+@eqx.filter_jit
+def _trial_chunk(patches: CalibPatch, tgp, dgp, tl, xg, xb):
+    """chi2 per block after the step ``dgp`` (linear parameters at their conditional optimum)."""
+    tln = tl + xb - jnp.einsum("plg,pg->pl", xg, dgp)
+    th = jnp.concatenate([tgp + dgp, tln], axis=1)
+    return jax.vmap(lambda p, t: p.chi2(p.unflatten(t)))(patches, th), tln
+
+
+def bundle_blocks(psf: GaussHermitePSF, fibers, waverange, rows_per_block: int) -> list[tuple[int, int, int, int]]:
+    """Pixel boxes of a bundle's row blocks: one x range, rows ``rows_per_block`` at a time.
+
+    The rows span the bundle's spots over ``waverange``; the blocks do not
+    overlap, so every pixel is fitted once.
+    """
+    f0, nf = int(fibers[0]), len(fibers)
+    x0, x1, y0, y1 = psf.xyrange((f0, f0 + nf), waverange)
+    nb = -(-(y1 - y0) // rows_per_block)
+    return [(x0, x1, y0 + b * rows_per_block, y0 + (b + 1) * rows_per_block) for b in range(nb)]
+
+
+def _fit_bundles(psf_init, arcs, flats, bundles, *, lines, waverange, rows_per_block, trace_deg, shape_terms,
+                 legdeg_fiber, legdeg_wave, flat_deg, maxiter, step_tol, chi2_rtol, lam0, patches_per_call,
+                 callback, bundle_progress):
+    """Fit the full model of every bundle in ``bundles`` (equal sizes) together; returns
+    ``(fits, statuses)`` (a failed bundle's fit is None)."""
+    t0 = time.perf_counter()
+    if rows_per_block < 16 or rows_per_block % 16:
+        raise ValueError(f"rows_per_block must be a positive multiple of 16, got {rows_per_block}")
+    if len({len(b) for b in bundles}) != 1:
+        raise ValueError("bundles fitted together must have the same number of fibers")
+    if waverange is None:
+        waverange = (psf_init.wmin_all, psf_init.wmax_all)
+    if not (psf_init.wmin <= waverange[0] < waverange[1] <= psf_init.wmax):
+        raise ValueError(f"waverange {tuple(waverange)}: need wmin < wmax inside the PSF's "
+                         f"{psf_init.wmin:.1f}-{psf_init.wmax:.1f} A")
+    if trace_deg is None:
+        trace_deg = min(psf_init.xcoef.shape[1], psf_init.ycoef.shape[1]) - 1
+    sterms = shape_terms_of(psf_init) if shape_terms is None else tuple(shape_terms)
+    kw = dict(lines=lines, what=("xtrace", "ytrace", "shape"), trace_deg=trace_deg, shape_terms=sterms,
+              legdeg_fiber=legdeg_fiber, legdeg_wave=legdeg_wave, flat_deg=flat_deg, allow_no_lines=True,
+              bucket=16)
+    # every block of every bundle set up (and checked) before any fitting
+    boxes = [bundle_blocks(psf_init, fib, waverange, rows_per_block) for fib in bundles]
+    first = [[calib_patch(psf_init, arcs, flats, fibers=fib, xyrange=b, **kw)[0] for b in bx]
+             for fib, bx in zip(bundles, boxes)]
+    for fib, ps in zip(bundles, first):
+        if len(arcs) and not any(bool(np.any(np.asarray(p.lvalid))) for p in ps):
+            raise ValueError(f"no arc line falls on fibers {fib[0]}-{fib[-1]} over {tuple(waverange)} A: "
+                             "give a line list (--lines) with lines there or widen the range")
+    sizes = {k: max(p.sizes[k] for ps in first for p in ps) for k in first[0][0].sizes}
+    nper = max(len(bx) for bx in boxes)
+    B = len(bundles)
+    patches = []
+    for fib, bx, ps in zip(bundles, boxes, first):
+        row = [p if p.sizes == sizes else calib_patch(psf_init, arcs, flats, fibers=fib, xyrange=b, pad_to=sizes, **kw)[0]
+               for p, b in zip(ps, bx)]
+        dummy = eqx.tree_at(lambda q: q.sqw, row[0], jnp.zeros_like(row[0].sqw))  # zero weight: no pixels
+        patches += row + [dummy] * (nper - len(row))
+    lay = patches[0].layout
+    psf_keys = [k for k in ("dx", "dy", "pc") if k in lay.slices]
+    npsf = lay.slices[psf_keys[-1]].stop
+    nloc = lay.size - npsf
+    C = max(1, int(patches_per_call))  # blocks per compiled call
+    owner = np.repeat(np.arange(B), nper)
+    while len(patches) % C:  # pad to whole calls with zero-weight copies, owned by a dummy bundle
+        patches.append(eqx.tree_at(lambda q: q.sqw, patches[0], jnp.zeros_like(patches[0].sqw)))
+        owner = np.append(owner, B)
+    nchunk = len(patches) // C
+    chunks = [_stack(patches[c * C:(c + 1) * C]) for c in range(nchunk)]
+    npix_p = np.array([int(np.count_nonzero(np.asarray(p.sqw))) for p in patches])
+    npix = np.bincount(owner, weights=npix_p, minlength=B + 1)[:B]
+    del patches, first
+    nseg = -(-C // nper) + 1
+    first_owner = [int(owner[c * C]) for c in range(nchunk)]
+    segs = [jnp.asarray(owner[c * C:(c + 1) * C] - first_owner[c], jnp.int32) for c in range(nchunk)]
+    Bp = B + 1
+
+    tg = np.zeros((Bp, npsf))
+    tl = [jnp.zeros((C, nloc)) for _ in range(nchunk)]
+
+    def per_bundle(vals):  # per-block values of all calls -> per-bundle sums
+        return np.bincount(owner, weights=np.concatenate(vals), minlength=Bp)
+
+    def schur():
+        out = [_schur_chunk(chunks[c], jnp.asarray(tg[owner[c * C:(c + 1) * C]]), tl[c], segs[c], nseg)
+               for c in range(nchunk)]
+        chi2 = per_bundle([np.asarray(o[0]) for o in out])
+        S = np.zeros((Bp, npsf, npsf))
+        R = np.zeros((Bp, npsf))
+        for c, o in enumerate(out):
+            ss = np.asarray(o[1])
+            for k in range(nseg):
+                b = first_owner[c] + k
+                if b < Bp:
+                    S[b] += ss[k]
+            np.add.at(R, owner[c * C:(c + 1) * C], np.asarray(o[2]))
+        return chi2, S, R, [o[3] for o in out], [o[4] for o in out], [o[5] for o in out]
+
+    def trial(dg):
+        out = [_trial_chunk(chunks[c], jnp.asarray(tg[owner[c * C:(c + 1) * C]]),
+                            jnp.asarray(dg[owner[c * C:(c + 1) * C]]), tl[c], XG[c], XB[c]) for c in range(nchunk)]
+        return per_bundle([np.asarray(o[0]) for o in out]), [o[1] for o in out]
+
+    tc = time.perf_counter()
+    chi2, S, R, XG, XB, ACT = schur()
+    t_first = time.perf_counter() - tc
+    tl = [tl[c] + XB[c] for c in range(nchunk)]  # the linear parameters at their optimum for the start
+    tc = time.perf_counter()
+    chi2, S, R, XG, XB, ACT = schur()
+    t_second = time.perf_counter() - tc
+    trial_times = []
+    lam = np.full(Bp, lam0)
+    done = np.zeros(Bp, bool)
+    done[B:] = True
+    failed = np.zeros(Bp, bool)
+    converged = np.zeros(Bp, bool)
+    niter = np.zeros(Bp, int)
+    hist = [[float(chi2[b])] for b in range(B)]
+    msg = [""] * B
+    for b in range(B):
+        if not np.isfinite(chi2[b]):
+            failed[b] = done[b] = True
+            msg[b] = "non-finite chi2 at the start"
+    report = callback or (lambda b, it, c, st, lm: log.info(
+        "fit-psf bundle fibers %d-%d: iter %2d chi2 %.6g (chi2/dof %.4f) step %.3g sigma lambda %.1e",
+        bundles[b][0], bundles[b][-1], it, c, c / max(npix[b] - npsf - nper * nloc, 1), st, lm))
+    for b in range(B):
+        report(b, 0, chi2[b], np.inf, 0.0)
+    for _ in range(4 * maxiter):
+        if np.all(done):
+            break
+        dg = np.zeros((Bp, npsf))
+        for b in np.where(~done)[0]:
+            d = np.diag(S[b])
+            on = d > 1e-300
+            a = S[b][np.ix_(on, on)] + lam[b] * np.diag(d[on])
+            sc = 1.0 / np.sqrt(np.diag(a))
+            try:
+                dg[b, on] = sc * np.linalg.solve(a * sc[:, None] * sc[None, :], R[b, on] * sc)
+            except np.linalg.LinAlgError:
+                lam[b] *= 10.0
+        tc = time.perf_counter()
+        chi2_new, tl_new = trial(dg)
+        trial_times.append(time.perf_counter() - tc)
+        ok = ~done & np.isfinite(chi2_new) & (chi2_new <= chi2) & np.any(dg != 0, axis=1)
+        for b in np.where(~done & ~ok)[0]:
+            lam[b] *= 4.0
+            if lam[b] > 1e8:  # no step lowers chi2 any more: the minimum
+                done[b] = converged[b] = True
+        if not np.any(ok):
+            continue
+        steps = {}
+        for b in np.where(ok)[0]:
+            d = np.diag(S[b])
+            on = d > 1e-300
+            sig = np.sqrt(np.abs(np.diag(np.linalg.inv(S[b][np.ix_(on, on)]))))
+            steps[b] = float(np.max(np.abs(dg[b, on]) / sig))
+        oke = ok[owner]
+        tg = np.where(ok[:, None], tg + dg, tg)
+        tl = [jnp.where(jnp.asarray(oke[c * C:(c + 1) * C])[:, None], tl_new[c], tl[c]) for c in range(nchunk)]
+        old = chi2.copy()
+        chi2, S, R, XG, XB, ACT = schur()
+        for b in np.where(ok)[0]:
+            niter[b] += 1
+            hist[b].append(float(chi2[b]))
+            report(b, int(niter[b]), chi2[b], steps[b], lam[b])
+            lam[b] = max(lam[b] / 5.0, 1e-12)
+            if steps[b] < step_tol or old[b] - chi2[b] < chi2_rtol * chi2[b]:
+                done[b] = converged[b] = True
+            elif niter[b] >= maxiter:
+                done[b] = True
+    seconds = time.perf_counter() - t0
+    # compilation: the first call of each compiled function less a later one
+    compile_s = max(t_first - t_second, 0.0) + (max(trial_times[0] - trial_times[-1], 0.0) if len(trial_times) > 1 else 0.0)
+    fits, statuses = [], []
+    act = np.concatenate([np.asarray(a).sum(axis=1) for a in ACT])
+    for b, fib in enumerate(bundles):
+        params = {k: tg[b, lay.slices[k]].reshape(lay.shapes[k]) for k in psf_keys}
+        finite = np.isfinite(chi2[b]) and all(np.all(np.isfinite(v)) for v in params.values())
+        if failed[b] or not finite:
+            statuses.append(BundleStatus(b, np.asarray(fib), STATUS_FAILED, float("nan"), 0, 0,
+                                         msg[b] or "non-finite fit"))
+            fits.append(None)
+            continue
+        on = np.diag(S[b]) > 1e-300
+        cov = np.full((npsf, npsf), np.nan)
+        inv = np.linalg.inv(S[b][np.ix_(on, on)])
+        cov[np.ix_(on, on)] = 0.5 * (inv + inv.T)
+        err = np.sqrt(np.where(np.isfinite(np.diag(cov)), np.abs(np.diag(cov)), np.inf))
+        errors = {k: err[lay.slices[k]].reshape(lay.shapes[k]) for k in psf_keys}
+        psf = apply_psf_params(psf_init, {k: jnp.asarray(v) for k, v in params.items()}, fib,
+                               shape_terms=sterms).with_traces()
+        npar = int(on.sum()) + int(act[owner == b].sum())
+        fr = BundleFit(psf=psf, params=params, errors=errors, cov=cov, chi2=float(chi2[b]), ndata=int(npix[b]),
+                       npar=npar, niter=int(niter[b]), converged=bool(converged[b]), chi2_history=hist[b],
+                       fibers=np.asarray(fib), boxes=boxes[b], shape_terms=sterms, psf_init=psf_init, seconds=seconds,
+                       compile_seconds=compile_s)
+        fits.append(fr)
+        st = BundleStatus(b, np.asarray(fib), STATUS_OK if fr.converged else STATUS_NOT_CONVERGED, fr.chi2,
+                          fr.ndata, fr.npar)
+        statuses.append(st)
+        if bundle_progress is not None:
+            bundle_progress(st, B)
+    return fits, statuses
+
+
+def fit_bundle(
+    psf_init: GaussHermitePSF,
+    arcs: Sequence = (),
+    flats: Sequence = (),
+    *,
+    lines: LineList | None = None,
+    fibers: Sequence[int],
+    waverange: tuple[float, float] | None = None,
+    rows_per_block: int = 128,
+    trace_deg: int | None = None,
+    shape_terms: Sequence[str] | None = None,
+    legdeg_fiber: int = 1,
+    legdeg_wave: int | None = None,
+    flat_deg: int = 2,
+    maxiter: int = 20,
+    step_tol: float = 0.01,
+    chi2_rtol: float = 1e-9,
+    lam0: float = 1e-3,
+    patches_per_call: int = 16,
+    callback: Callable | None = None,
+) -> BundleFit:
+    """Fit the full PSF model of one bundle to arcs and flats (see the module docstring).
+
+    Args:
+        psf_init: the starting PSF (e.g. another night's).
+        arcs, flats: calibration images as for :func:`fit_psf`.
+        lines: the arc line list (required with arcs).
+        fibers: the bundle's consecutive fibers.
+        waverange: wavelengths [A] whose rows are fitted (default: the PSF's common range).
+        rows_per_block: CCD rows per block (a multiple of 16).
+        trace_deg: Legendre degree of the fitted trace offsets (default: the file's).
+        shape_terms: the shape parameters fitted (default
+            :func:`jaxspec._fit.params.shape_terms_of`: GHSIGX, GHSIGY, every GH-i-j but GH-0-0).
+        legdeg_fiber: their Legendre degree over the bundle's fibers (specex's LEGDEGX).
+        legdeg_wave: their degree in wavelength (default the file's: all its coefficients).
+        flat_deg: Legendre degree of each fiber's flat amplitude inside a block.
+        maxiter, step_tol, chi2_rtol, lam0: Levenberg-Marquardt controls as in :func:`fit_psf`.
+        patches_per_call: blocks evaluated by one compiled call (memory).
+        callback: ``callback(bundle, iteration, chi2, step, lambda)`` (default: log at INFO).
+
+    Returns:
+        A :class:`BundleFit`.
+
+    Raises:
+        ValueError: bad input, or the fit failed (non-finite chi2).
+    """
+    fibers = np.asarray(fibers, dtype=int)
+    fits, st = _fit_bundles(psf_init, arcs, flats, [fibers], lines=lines, waverange=waverange,
+                            rows_per_block=rows_per_block, trace_deg=trace_deg, shape_terms=shape_terms,
+                            legdeg_fiber=legdeg_fiber, legdeg_wave=legdeg_wave, flat_deg=flat_deg, maxiter=maxiter,
+                            step_tol=step_tol, chi2_rtol=chi2_rtol, lam0=lam0, patches_per_call=patches_per_call,
+                            callback=callback, bundle_progress=None)
+    if fits[0] is None:
+        raise ValueError(f"the fit of fibers {fibers[0]}-{fibers[-1]} failed: {st[0].message}")
+    return fits[0]
+
+
+def fit_psf_full(
+    psf_init: GaussHermitePSF,
+    arcs: Sequence = (),
+    flats: Sequence = (),
+    *,
+    lines: LineList | None = None,
+    specmin: int = 0,
+    nspec: int | None = None,
+    bundlesize: int = 25,
+    waverange: tuple[float, float] | None = None,
+    rows_per_block: int = 128,
+    trace_deg: int | None = None,
+    shape_terms: Sequence[str] | None = None,
+    legdeg_fiber: int = 1,
+    legdeg_wave: int | None = None,
+    flat_deg: int = 2,
+    maxiter: int = 20,
+    step_tol: float = 0.01,
+    chi2_rtol: float = 1e-9,
+    lam0: float = 1e-3,
+    patches_per_call: int = 16,
+    callback: Callable | None = None,
+    bundle_progress: Callable | None = None,
+) -> CCDFit:
+    """The full model of every bundle of fibers ``specmin .. specmin + nspec - 1``, fitted together.
+
+    All bundles' blocks share one compiled function (see the module docstring);
+    arguments as :func:`fit_bundle`.  A bundle whose fit fails keeps its input
+    coefficients and is flagged (status 2); the others go on.
+
+    Returns:
+        A :class:`CCDFit`: the PSF with every fitted bundle's coefficients, the
+        :class:`BundleFit` of every bundle (None where it failed), the statuses.
+    """
+    nspec = psf_init.nspec - specmin if nspec is None else int(nspec)
+    psf_init.check_fibers(specmin, nspec)
+    if bundlesize < 1:
+        raise ValueError(f"bundlesize must be >= 1, got {bundlesize}")
+    bundles = [np.arange(s, min(s + bundlesize, specmin + nspec)) for s in range(specmin, specmin + nspec, bundlesize)]
+    groups = {}
+    for i, b in enumerate(bundles):
+        groups.setdefault(len(b), []).append(i)
+    fits, statuses = [None] * len(bundles), [None] * len(bundles)
+    for _, idx in groups.items():
+        f, st = _fit_bundles(psf_init, arcs, flats, [bundles[i] for i in idx], lines=lines, waverange=waverange,
+                             rows_per_block=rows_per_block, trace_deg=trace_deg, shape_terms=shape_terms,
+                             legdeg_fiber=legdeg_fiber, legdeg_wave=legdeg_wave, flat_deg=flat_deg,
+                             maxiter=maxiter, step_tol=step_tol, chi2_rtol=chi2_rtol, lam0=lam0,
+                             patches_per_call=patches_per_call, callback=callback, bundle_progress=bundle_progress)
+        for j, i in enumerate(idx):
+            fits[i] = f[j]
+            st[j].bundle = int(bundles[i][0]) // bundlesize if specmin % bundlesize == 0 else i
+            statuses[i] = st[j]
+    xcoef = np.array(psf_init.xcoef)
+    ycoef = np.array(psf_init.ycoef)
+    pars = np.array(psf_init.params)
+    for fr in fits:
+        if fr is None:
+            continue
+        fib = fr.fibers
+        xcoef[fib] = np.asarray(fr.psf.xcoef)[fib]
+        ycoef[fib] = np.asarray(fr.psf.ycoef)[fib]
+        pars[:, fib] = np.asarray(fr.psf.params)[:, fib]
+    if "STATUS" in psf_init.param_names:
+        row = psf_init.param_index("STATUS")
+        for st in statuses:
+            pars[row, st.fibers, :] = 0.0
+            pars[row, st.fibers, 0] = float(st.status)
+    psf = eqx.tree_at(lambda p: p.params, psf_init, jnp.asarray(pars)).with_traces(jnp.asarray(xcoef),
+                                                                                jnp.asarray(ycoef))
+    return CCDFit(psf, fits, statuses)

@@ -1,0 +1,231 @@
+"""The whole CCD (or a fiber range of it): a grid of bundle x wavelength-block patches.
+
+Every patch is checked (:func:`jaxspec._fit.patch.check_patch`: its box, its arc
+lines, the images' pixels there) before the first one is fitted, so a fit that
+would fail on its last block fails before its first.  A bundle whose fit fails
+or does not give finite coefficients keeps its input coefficients and is
+flagged (:class:`CCDFit`); the other bundles go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+
+from .._simulation.calib import LineList
+from ..psf._gausshermite import GaussHermitePSF
+from .patch import check_patch
+from .result import FitResult
+from .solver import fit_psf
+
+log = logging.getLogger("jaxspec.fit")
+
+__all__ = ["BundleStatus", "CCDFit", "fit_psf_ccd"]
+
+#: Bundle status codes (header key ``BnnSTAT`` and the PSF's ``STATUS`` row).
+STATUS_OK, STATUS_NOT_CONVERGED, STATUS_FAILED = 0, 1, 2
+
+
+@dataclasses.dataclass
+class BundleStatus:
+    """Outcome of one bundle: ``status`` 0 converged, 1 not converged, 2 failed (input kept)."""
+
+    bundle: int
+    fibers: np.ndarray
+    status: int
+    chi2: float
+    ndata: int
+    npar: int
+    message: str = ""
+
+    @property
+    def reduced_chi2(self) -> float:
+        """chi2 / (ndata - npar); NaN for a failed bundle."""
+        return float(self.chi2 / max(self.ndata - self.npar, 1)) if self.status != STATUS_FAILED else float("nan")
+
+
+@dataclasses.dataclass
+class CCDFit:
+    """Result of :func:`fit_psf_ccd`; unpacks as ``psf, fits = fit_psf_ccd(...)``.
+
+    Attributes:
+        psf: the fitted PSF (failed bundles keep their input coefficients).
+        fits: the :class:`FitResult` of every fitted patch (bundle-major).
+        bundles: one :class:`BundleStatus` per bundle.
+    """
+
+    psf: GaussHermitePSF
+    fits: list
+    bundles: list
+
+    def __iter__(self):
+        return iter((self.psf, self.fits))
+
+    def header(self) -> dict:
+        """specex-style per-bundle keys for the PSF HDU: ``BnnRCHI2``, ``BnnNDATA``, ``BnnNPAR``, ``BnnSTAT``."""
+        out = {}
+        for b in self.bundles:
+            k = f"B{b.bundle:02d}"
+            out[f"{k}RCHI2"] = b.reduced_chi2 if np.isfinite(b.reduced_chi2) else -1.0
+            out[f"{k}NDATA"] = int(b.ndata)
+            out[f"{k}NPAR"] = int(b.npar)
+            out[f"{k}STAT"] = int(b.status)
+        return out
+
+
+def _legfit_weighted(t, y, sig, deg):
+    """Weighted Legendre fit of degree ``min(deg, len(t) - 1)``: coefficients."""
+    deg = min(deg, len(t) - 1)
+    V = np.polynomial.legendre.legvander(t, deg) / sig[:, None]
+    return np.linalg.lstsq(V, y / sig, rcond=None)[0]
+
+
+def _merge_bundle(psf_init, fib, res, wc, nblocks, xcoef, ycoef, pars):
+    """Turn one bundle's per-block corrections into Legendre coefficients (in place)."""
+    gh_terms = res[0].gh_terms
+    for j, f in enumerate(fib):
+        for key, coef, dom in (("dx", xcoef, psf_init.xdomain), ("dy", ycoef, psf_init.ydomain)):
+            if key not in res[0].params:
+                continue
+            t = (wc - dom[0]) * (2.0 / (dom[1] - dom[0])) - 1.0
+            # the block's offset of coefficient 0 is the mean shift over the block
+            val = np.array([r.params[key][j, 0] for r in res])
+            sig = np.array([r.errors[key][j, 0] for r in res])
+            c = _legfit_weighted(t, val, sig, coef.shape[1] - 1)
+            coef[f, :len(c)] += c
+        t = (wc - psf_init.pdomain[0]) * (2.0 / (psf_init.pdomain[1] - psf_init.pdomain[0])) - 1.0
+        for key, name in (("log_sigx", "GHSIGX"), ("log_sigy", "GHSIGY")):
+            if key not in res[0].params:
+                continue
+            row = psf_init.param_index(name)
+            s = np.array([r.params[key][j] for r in res])
+            es = np.array([r.errors[key][j] for r in res])
+            if nblocks > pars.shape[2] - 1:
+                # enough blocks: refit the width itself with the file's degree
+                target = np.polynomial.legendre.legval(t, pars[row, f]) * np.exp(s)
+                c = _legfit_weighted(t, target, np.maximum(target * es, 1e-12), pars.shape[2] - 1)
+                pars[row, f, :] = 0.0
+                pars[row, f, :len(c)] = c
+            else:  # too few blocks for the file's degree: scale it by the mean factor
+                wgt = 1.0 / es**2
+                pars[row, f, :] *= np.exp(np.sum(wgt * s) / np.sum(wgt))
+        if "gh" in res[0].params:
+            for k, name in enumerate(gh_terms):
+                row = psf_init.param_index(name)
+                g = np.array([r.params["gh"][k] if r.params["gh"].ndim == 1 else r.params["gh"][k, j] for r in res])
+                eg = np.array([r.errors["gh"][k] if r.errors["gh"].ndim == 1 else r.errors["gh"][k, j] for r in res])
+                c = _legfit_weighted(t, g, eg, pars.shape[2] - 1)
+                pars[row, f, :len(c)] += c
+
+
+def fit_psf_ccd(
+    psf_init: GaussHermitePSF,
+    arcs: Sequence = (),
+    flats: Sequence = (),
+    *,
+    lines: LineList | None = None,
+    specmin: int = 0,
+    nspec: int | None = None,
+    bundlesize: int = 25,
+    nblocks: int = 8,
+    waverange: tuple[float, float] | None = None,
+    progress: Callable[[int, int, FitResult], None] | None = None,
+    bundle_progress: Callable[[BundleStatus, int], None] | None = None,
+    **fit_kwargs,
+) -> CCDFit:
+    """Fit a whole CCD (or fibers ``specmin .. specmin+nspec-1`` of it) patch by patch.
+
+    Each bundle of ``bundlesize`` fibers x each of ``nblocks`` equal wavelength
+    blocks of ``waverange`` (default the PSF's common range) is fitted with
+    :func:`fit_psf` (constant corrections inside the patch; ``what`` etc.
+    passed through ``fit_kwargs``).  The per-block corrections of each fiber
+    then become Legendre coefficients over the file's wavelength domains, by
+    weighted least squares: trace offsets up to the trace's degree (at most
+    ``nblocks - 1``), GHSIGX/GHSIGY refitted with their file degree to
+    ``sigma_file(w_b) exp(s_b)``, GH offsets up to the parameters' degree.
+    The fibers outside the range keep their initial parameters.
+
+    Every patch is checked before any is fitted (a bad range, a block without
+    arc lines, an image that does not cover it raise ``ValueError`` at once).
+    A bundle whose fit then fails (or gives non-finite coefficients) keeps its
+    input coefficients and is flagged ``status=2``; one that hits ``maxiter``
+    in some block is flagged ``status=1``.  The PSF's ``STATUS`` row, when
+    present, gets the status of each fitted fiber.
+
+    Args:
+        progress: ``progress(done, total, fit)`` after every patch.
+        bundle_progress: ``bundle_progress(status, nbundles)`` after every bundle.
+
+    Returns:
+        A :class:`CCDFit` (unpacks as ``(psf, fits)``): the fitted PSF (inverse
+        trace refitted), the :class:`FitResult` of every patch (bundle-major)
+        and the per-bundle :class:`BundleStatus`.
+    """
+    if not isinstance(psf_init, GaussHermitePSF):
+        raise TypeError(f"PSF fitting needs a GaussHermitePSF, got {type(psf_init).__name__}")
+    nspec = psf_init.nspec - specmin if nspec is None else int(nspec)
+    psf_init.check_fibers(specmin, nspec)
+    if bundlesize < 1:
+        raise ValueError(f"bundlesize must be >= 1, got {bundlesize}")
+    if nblocks < 1:
+        raise ValueError(f"nblocks must be >= 1, got {nblocks}")
+    if waverange is None:
+        waverange = (psf_init.wmin_all, psf_init.wmax_all)
+    if not (psf_init.wmin <= waverange[0] < waverange[1] <= psf_init.wmax):
+        raise ValueError(f"waverange {tuple(waverange)}: need wmin < wmax inside the PSF's "
+                         f"{psf_init.wmin:.1f}-{psf_init.wmax:.1f} A")
+    edges = np.linspace(waverange[0], waverange[1], nblocks + 1)
+    bundles = [np.arange(s, min(s + bundlesize, specmin + nspec)) for s in range(specmin, specmin + nspec, bundlesize)]
+    # every patch checked before the first is fitted
+    check_keys = ("what", "trace_deg", "gh_terms", "flat_deg")
+    ckw = {k: fit_kwargs[k] for k in check_keys if k in fit_kwargs}
+    for fib in bundles:
+        for b in range(nblocks):
+            check_patch(psf_init, arcs, flats, lines=lines, fibers=fib, waverange=(edges[b], edges[b + 1]), **ckw)
+    xcoef = np.array(psf_init.xcoef)
+    ycoef = np.array(psf_init.ycoef)
+    pars = np.array(psf_init.params)
+    fits_out: list[FitResult] = []
+    status_out: list[BundleStatus] = []
+    total = len(bundles) * nblocks
+    wc = 0.5 * (edges[:-1] + edges[1:])
+    for ib, fib in enumerate(bundles):
+        bundle = int(fib[0]) // bundlesize if specmin % bundlesize == 0 else ib
+        res = []
+        saved = (xcoef[fib].copy(), ycoef[fib].copy(), pars[:, fib].copy())
+        try:
+            for b in range(nblocks):
+                fr = fit_psf(psf_init, arcs, flats, lines=lines, fibers=fib, waverange=(edges[b], edges[b + 1]),
+                             **fit_kwargs)
+                res.append(fr)
+                fits_out.append(fr)
+                if progress is not None:
+                    progress(len(fits_out), total, fr)
+            _merge_bundle(psf_init, fib, res, wc, nblocks, xcoef, ycoef, pars)
+            if not (np.all(np.isfinite(xcoef[fib])) and np.all(np.isfinite(ycoef[fib]))
+                    and np.all(np.isfinite(pars[:, fib]))):
+                raise FloatingPointError("the fit gave non-finite coefficients")
+            code = STATUS_OK if all(r.converged for r in res) else STATUS_NOT_CONVERGED
+            st = BundleStatus(bundle, fib, code, float(sum(r.chi2 for r in res)),
+                              int(sum(r.ndof + int(np.isfinite(np.diag(r.cov)).sum()) for r in res)),
+                              int(sum(int(np.isfinite(np.diag(r.cov)).sum()) for r in res)))
+        except (ValueError, FloatingPointError, np.linalg.LinAlgError) as err:
+            xcoef[fib], ycoef[fib], pars[:, fib] = saved
+            log.warning("fit-psf: bundle %d (fibers %d-%d) failed, its input coefficients are kept: %s",
+                        bundle, fib[0], fib[-1], err)
+            st = BundleStatus(bundle, fib, STATUS_FAILED, float("nan"), 0, 0, str(err))
+        status_out.append(st)
+        if bundle_progress is not None:
+            bundle_progress(st, len(bundles))
+    if "STATUS" in psf_init.param_names:
+        row = psf_init.param_index("STATUS")
+        for st in status_out:
+            pars[row, st.fibers, :] = 0.0
+            pars[row, st.fibers, 0] = float(st.status)
+    psf = eqx.tree_at(lambda p: p.params, psf_init, jnp.asarray(pars)).with_traces(jnp.asarray(xcoef), jnp.asarray(ycoef))
+    return CCDFit(psf, fits_out, status_out)

@@ -1,0 +1,795 @@
+"""One fitting patch: fibers x pixel box of calibration images, its forward model
+and its Gauss-Newton pieces (the coloured band Jacobian, ``J^T J``, ``J^T r``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._simulation.calib import CalibImage, LineList, flat_spectrum, flat_wave_grid
+from ..psf._gausshermite import GaussHermitePSF
+from ..psf._legendre import legvander
+from .params import (
+    ALL_WHAT,
+    DEFAULT_GH_TERMS,
+    DEFAULT_WHAT,
+    PSF_KEYS,
+    _Layout,
+    _psf_shapes,
+    apply_psf_params,
+    fiber_legendre,
+    shape_terms_of,
+)
+
+__all__ = ["CalibPatch", "calib_patch", "check_patch", "patch_lines"]
+
+
+# ---------------------------------------------------------------- one patch: static set-up
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Shapes and switches the compiled patch functions specialise on."""
+
+    nf: int
+    H: int
+    W: int  # width of the box
+    Wb: int  # width of one fiber's band of columns
+    pad: int  # zero columns each side of the box in the working frame
+    narc: int
+    nflat: int
+    nline: int  # padded line count
+    nsamp: int  # padded flat samples
+    nbasis: int
+    dmax: int  # largest fiber distance whose bands overlap
+    psf_shapes: tuple  # ((key, shape), ...)
+    gh_terms: tuple
+    colors: tuple  # ((key, a, b), ...): see _colors
+    shape_terms: tuple = ()  # parameter names of the rows of "pc" (full model)
+    nsig: int = 0  # how many of shape_terms are widths (GHSIGX/GHSIGY): they differentiate the pixel integrals
+
+
+def _round_up(n: int, m: int) -> int:
+    return int(m * -(-int(n) // m))
+
+
+def _colors(psf_shapes: dict) -> tuple:
+    """Band-Jacobian columns ``(key, a, b)``, each fiber's light in its own band.
+
+    ``("dx"|"dy", k, 0)``: Legendre coefficient ``k`` of the trace offset;
+    ``("log_sigx"|"log_sigy", 0, 0)``; ``("gh", k, 0)``: GH term ``k``; ``("pc", r, k)``:
+    wavelength coefficient ``k`` of shape term ``r``, per fiber (mapped onto the
+    bundle's fiber Legendre series by :meth:`CalibPatch._index_map`).  Only the
+    ``k = 0`` columns of traces and ``pc`` need a forward-mode derivative: the others
+    are it times ``P_k(t)`` of each spot's wavelength.
+    """
+    out = []
+    for key, shp in psf_shapes.items():
+        if key in ("dx", "dy"):
+            out += [(key, k, 0) for k in range(shp[1])]
+        elif key in ("log_sigx", "log_sigy"):
+            out.append((key, 0, 0))
+        elif key == "pc":
+            out += [(key, r, k) for r in range(shp[0]) for k in range(shp[2])]
+        else:  # gh: (ngh,) shared or (ngh, nf) per fiber; one colour per term either way
+            out += [(key, k, 0) for k in range(shp[0])]
+    return tuple(out)
+
+
+class CalibPatch(eqx.Module):
+    """One fitting patch: fibers x pixel box, its calibration pixels and model set-up.
+
+    Build with :func:`calib_patch`.  Parameters are dicts (see :meth:`unflatten`):
+    PSF corrections (``dx``, ``dy``, ``log_sigx``, ``log_sigy``, ``gh``; see
+    :func:`apply_psf_params`) and linear ones, ``line_flux`` ``(narc, nfib, nline)``
+    [photons per line] and ``flat_amp`` ``(nflat, nfib, nbasis)``.  :meth:`chi2`,
+    :meth:`residuals` and :meth:`model` are pure JAX (jit / grad / vmap safe).
+    """
+
+    psf: GaussHermitePSF
+    fibers: jnp.ndarray  # (nf,) absolute
+    data: jnp.ndarray  # (nimg, H, W + 2 pad)
+    sqw: jnp.ndarray  # (nimg, H, W + 2 pad): sqrt(ivar), 0 outside the box
+    xlo: jnp.ndarray  # (nf,) first band column in the working frame
+    y0: jnp.ndarray  # () CCD row of the box's first row
+    x0: jnp.ndarray  # () CCD column of the box's first column
+    lwave: jnp.ndarray  # (nline,)
+    lvalid: jnp.ndarray  # (nline,) bool
+    fwave: jnp.ndarray  # (nsamp,)
+    fbasis: jnp.ndarray  # (nsamp, nbasis): lamp * dw * Legendre basis; 0 for padding
+    static: _Static = eqx.field(static=True)
+
+    # ----------------------------------------------------------- parameter vectors
+    @property
+    def layout(self) -> _Layout:
+        s = self.static
+        shapes = dict(s.psf_shapes)
+        if s.narc:
+            shapes["line_flux"] = (s.narc, s.nf, s.nline)
+        if s.nflat:
+            shapes["flat_amp"] = (s.nflat, s.nf, s.nbasis)
+        return _Layout(shapes)
+
+    @property
+    def sizes(self) -> dict:
+        """The paddable sizes (``pad_to`` of :func:`calib_patch`)."""
+        s = self.static
+        return dict(H=s.H, W=s.W, Wb=s.Wb, nline=s.nline, nsamp=s.nsamp, dmax=s.dmax)
+
+    def unflatten(self, theta):
+        """dict of named parameters from the flat vector ``theta``."""
+        return self.layout.unflatten(theta)
+
+    def corrected_psf(self, params: dict) -> GaussHermitePSF:
+        """The initial PSF with the PSF corrections in ``params`` applied."""
+        psfp = {k: params[k] for k in PSF_KEYS if k in params}
+        return apply_psf_params(self.psf, psfp, self.fibers, gh_terms=self.static.gh_terms,
+                                shape_terms=self.static.shape_terms)
+
+    # ----------------------------------------------------------- forward model
+    def stamps(self, psf: GaussHermitePSF):
+        """Spots of every fiber at the lines and flat samples.
+
+        Returns ``{"line": (xmin, ymin, st), "flat": (xmin, ymin, st)}`` with
+        ``st`` of shape ``(nf, nline or nsamp, ny, nx)`` (padding lines zeroed).
+        """
+        s = self.static
+        out = {}
+        if s.narc:
+            xmin, ymin, st = psf.spots(self.fibers[:, None], self.lwave[None, :])
+            out["line"] = (xmin, ymin, jnp.where(self.lvalid[None, :, None, None], st, 0.0))
+        if s.nflat:
+            out["flat"] = psf.spots(self.fibers[:, None], self.fwave[None, :])
+        return out
+
+    def _band_index(self, xmin, ymin, ny, nx):
+        s = self.static
+        i32 = jnp.int32
+        x0 = (s.pad - self.x0.astype(i32)) - self.xlo.astype(i32)[:, None, None]  # (nf, 1, 1)
+        cols = xmin.astype(i32)[..., None] + x0 + jnp.arange(nx, dtype=i32)[None, None, :]
+        rows = ymin.astype(i32)[..., None] - self.y0.astype(i32) + jnp.arange(ny, dtype=i32)[None, None, :]
+        rows = jnp.where((rows >= 0) & (rows < s.H), rows, s.H)
+        cols = jnp.where((cols >= 0) & (cols < s.Wb), cols, s.Wb)
+        return rows, cols
+
+    def _scatter_each(self, xmin, ymin, vals):
+        """Stamps ``vals (nf, K, ny, nx)`` -> one band each, ``(nf, K, H, Wb)``."""
+        s = self.static
+        ny, nx = vals.shape[-2:]
+        rows, cols = self._band_index(xmin, ymin, ny, nx)  # (nf, K, ny), (nf, K, nx)
+
+        def one(v, r, c):  # v (ny, nx) -> (H, Wb)
+            return jnp.zeros((s.H, s.Wb), v.dtype).at[r[:, None], c[None, :]].add(v, mode="drop")
+
+        return jax.vmap(jax.vmap(one))(vals, rows, cols)
+
+    def _scatter_sum(self, xmin, ymin, st, weights):
+        """``sum_k weights[e, f, k] st[f, k]`` into each fiber's band: ``(E, nf, H, Wb)``."""
+        s = self.static
+        ny, nx = st.shape[-2:]
+        rows, cols = self._band_index(xmin, ymin, ny, nx)  # (nf, K, ny), (nf, K, nx)
+        ok = (rows[..., :, None] < s.H) & (cols[..., None, :] < s.Wb)  # (nf, K, ny, nx)
+        size = s.H * s.Wb
+        flat = rows[..., :, None] * s.Wb + cols[..., None, :]
+        flat = jnp.where(ok, flat + size * jnp.arange(s.nf, dtype=flat.dtype)[:, None, None, None], s.nf * size)
+        vals = weights[..., None, None] * st[None]  # (E, nf, K, ny, nx)
+        out = jax.vmap(lambda v: jax.ops.segment_sum(v.reshape(-1), flat.reshape(-1), s.nf * size + 1))(vals)
+        return out[:, :-1].reshape(-1, s.nf, s.H, s.Wb)
+
+    def _weights(self, params: dict) -> dict:
+        """Photons per stamp: line ``(narc, nf, nline)``, flat ``(nflat, nf, nsamp)``."""
+        out = {}
+        if self.static.narc:
+            out["line"] = params["line_flux"]
+        if self.static.nflat:
+            # a broadcast sum, not a dot: XLA:CPU (jax 0.10.2) miscompiles the dot
+            # fused into the scatter below
+            out["flat"] = jnp.sum(params["flat_amp"][:, :, None, :] * self.fbasis[None, None], axis=-1)
+        return out
+
+    def bands(self, params: dict):
+        """Model light of each fiber in its band: ``(nimg, nf, H, Wb)``."""
+        st = self.stamps(self.corrected_psf(params))
+        w = self._weights(params)
+        return jnp.concatenate([self._scatter_sum(*st[k], w[k]) for k in ("line", "flat") if k in st], axis=0)
+
+    def _free_psf(self, params: dict) -> dict:
+        """The PSF variables derivatives are taken in: ``pc`` as per-fiber offsets, widths apart."""
+        s = self.static
+        out = {k: params[k] for k in PSF_KEYS if k in params and k != "pc"}
+        if "pc" in params:
+            pc = params["pc"]
+            pf = jnp.asarray(fiber_legendre(s.nf, pc.shape[1] - 1), pc.dtype)
+            pcf = jnp.sum(pc[:, None, :, :] * pf[None, :, :, None], axis=2)
+            out["pcf_s"] = pcf[: s.nsig]
+            out["pcf_g"] = pcf[s.nsig:]
+        return out
+
+    def _psf_of_free(self, pp: dict) -> GaussHermitePSF:
+        s = self.static
+        q = {k: v for k, v in pp.items() if not k.startswith("pcf_")}
+        psf = apply_psf_params(self.psf, q, self.fibers, gh_terms=s.gh_terms)
+        if "pcf_s" in pp and s.nsig:
+            psf = apply_psf_params(psf, {"pcf": pp["pcf_s"]}, self.fibers, shape_terms=s.shape_terms[: s.nsig])
+        if "pcf_g" in pp and len(s.shape_terms) > s.nsig:
+            psf = apply_psf_params(psf, {"pcf": pp["pcf_g"]}, self.fibers, shape_terms=s.shape_terms[s.nsig:])
+        return psf
+
+    def _wave_basis(self, kind: str, key: str, n: int):
+        """``(K, n)`` Legendre basis at the stamps' wavelengths in the domain of ``key``."""
+        psf = self.psf
+        dom = {"dx": psf.xdomain, "dy": psf.ydomain}.get(key, psf.pdomain)
+        wave = self.lwave if kind == "line" else self.fwave
+        return legvander((wave - dom[0]) * (2.0 / (dom[1] - dom[0])) - 1.0, n - 1)
+
+    def band_jacobian(self, params: dict):
+        """``(bands, J)``: the model bands and d bands / d (colours, linear), ``(nimg, nf, H, Wb, na)``.
+
+        Forward-mode derivatives of the spots, one per colour (all fibers'
+        parameter of one kind at once: fiber i's light depends on fiber i's
+        corrections only), in two groups so that the Gauss-Hermite offsets do
+        not differentiate the pixel integrals; the model is linear in the fluxes.
+        Legendre coefficient ``k > 0`` of a trace or shape term is not
+        differentiated again: its column is that of ``k = 0`` with each stamp's
+        photons times ``P_k(t)`` of the stamp's wavelength.
+        """
+        s = self.static
+        free_all = self._free_psf(params)
+        w = self._weights(params)
+        kinds = [k for k in ("line", "flat") if (k == "line" and s.narc) or (k == "flat" and s.nflat)]
+
+        def stamps_of(pp):
+            st = self.stamps(self._psf_of_free(pp))
+            return {k: st[k][2] for k in kinds}
+
+        primal = self.stamps(self._psf_of_free(free_all))
+        # the colours that need a jvp, by group, with their tangent in the free variables
+        groups = {1: [], 2: []}
+        for col in s.colors:
+            key, a, b = col
+            if key in ("dx", "dy") and a == 0:
+                groups[1].append((col, key, lambda t, key=key: t.at[:, 0].set(1.0)))
+            elif key in ("log_sigx", "log_sigy"):
+                groups[1].append((col, key, lambda t: jnp.ones_like(t)))
+            elif key == "gh":
+                groups[2].append((col, key, lambda t, a=a: t.at[a].set(1.0)))
+            elif key == "pc" and b == 0:
+                if a < s.nsig:
+                    groups[1].append((col, "pcf_s", lambda t, a=a: t.at[a, :, 0].set(1.0)))
+                else:
+                    groups[2].append((col, "pcf_g", lambda t, a=a: t.at[a - s.nsig, :, 0].set(1.0)))
+        group_keys = {1: ("dx", "dy", "log_sigx", "log_sigy", "pcf_s"), 2: ("gh", "pcf_g")}
+        dst = {}  # colour -> {kind: (nf, K, ny, nx)}
+        for g, cols in groups.items():
+            if not cols:
+                continue
+            fixed = {k: v for k, v in free_all.items() if k not in group_keys[g]}
+            free = {k: v for k, v in free_all.items() if k in group_keys[g]}
+            tangents = []
+            for _, fkey, setter in cols:
+                t = {kk: jnp.zeros_like(v) for kk, v in free.items()}
+                t[fkey] = setter(t[fkey])
+                tangents.append(t)
+            tstack = jax.tree.map(lambda *a: jnp.stack(a), *tangents)
+            fn = lambda fr: stamps_of({**fixed, **fr})  # noqa: E731
+            d = jax.vmap(lambda t: jax.jvp(fn, (free,), (t,))[1])(tstack)
+            for c, (col, _, _) in enumerate(cols):
+                dst[col] = {k: d[k][c] for k in kinds}
+        nimg = s.narc + s.nflat
+        bands = jnp.concatenate([self._scatter_sum(*primal[k], w[k]) for k in kinds], axis=0)
+        jac = []
+        if s.colors:
+            basis = {}
+            for key, shp in s.psf_shapes:
+                if key in ("dx", "dy", "pc"):
+                    n = shp[1] if key != "pc" else shp[2]
+                    basis[key] = {k: self._wave_basis(k, key, n) for k in kinds}
+            cols_out = []
+            for col in s.colors:
+                key, a, b = col
+                per_kind = []
+                for k in kinds:
+                    xmin, ymin, _ = primal[k]
+                    if key in ("dx", "dy") and a > 0:
+                        src, wk = dst[(key, 0, 0)][k], w[k] * basis[key][k][:, a][None, None, :]
+                    elif key == "pc" and b > 0:
+                        src, wk = dst[(key, a, 0)][k], w[k] * basis[key][k][:, b][None, None, :]
+                    else:
+                        src, wk = dst[col][k], w[k]
+                    per_kind.append(self._scatter_sum(xmin, ymin, src, wk))  # (ne, nf, H, Wb)
+                cols_out.append(jnp.concatenate(per_kind, axis=0))
+            jac.append(jnp.stack(cols_out, axis=-1))  # (nimg, nf, H, Wb, ncolor)
+        if s.narc:
+            lines = self._scatter_each(*primal["line"])  # (nf, nline, H, Wb)
+            onehot = jnp.eye(nimg, s.narc, dtype=bands.dtype)  # image m is arc a
+            jac.append(jnp.einsum("ma,ilhw->mihwal", onehot, lines).reshape(nimg, s.nf, s.H, s.Wb, -1))
+        if s.nflat:
+            xmin, ymin, st = primal["flat"]
+            fb = self._scatter_sum(xmin, ymin, st, jnp.broadcast_to(self.fbasis.T[:, None, :], (s.nbasis, s.nf, s.nsamp)))
+            onehot = jnp.eye(nimg, s.nflat, k=-s.narc, dtype=bands.dtype)
+            jac.append(jnp.einsum("ma,bihw->mihwab", onehot, fb).reshape(nimg, s.nf, s.H, s.Wb, -1))
+        return bands, jnp.concatenate(jac, axis=-1)
+
+    def _cols(self):
+        return self.xlo[:, None] + jnp.arange(self.static.Wb, dtype=self.xlo.dtype)[None, :]  # (nf, Wb)
+
+    def _to_image(self, bands):
+        """Sum the fibers' bands into the working frame: ``(nimg, H, W + 2 pad)``."""
+        s = self.static
+        nimg = bands.shape[0]
+        img = jnp.zeros((nimg, s.H, s.W + 2 * s.pad), bands.dtype)
+        cols = self._cols()
+        return img.at[:, :, cols].add(jnp.moveaxis(bands, 1, 2), mode="drop")
+
+    def model(self, params: dict):
+        """Model images of the box, ``(nimg, H, W)`` (arcs first, then flats)."""
+        s = self.static
+        return self._to_image(self.bands(params))[:, :, s.pad:s.pad + s.W]
+
+    def residuals(self, params: dict):
+        """``(data - model) sqrt(ivar)``, ``(nimg, H, W)``."""
+        s = self.static
+        r = (self.data - self._to_image(self.bands(params))) * self.sqw
+        return r[:, :, s.pad:s.pad + s.W]
+
+    def chi2(self, params: dict):
+        """Pixel chi2 of the model (a scalar; differentiable in ``params``)."""
+        return jnp.sum(self.residuals(params) ** 2)
+
+    # ----------------------------------------------------------- Gauss-Newton pieces
+    def _index_map(self):
+        """Where each column of a fiber's band Jacobian goes in theta.
+
+        Returns ``(idx, wts)``, both ``(nf, na, nw)``: column ``a`` of fiber ``f``
+        contributes ``wts[f, a, l]`` times itself to parameter ``idx[f, a, l]``.
+        ``nw = 1`` (weight 1) except for the full model's ``pc`` columns, which
+        spread over the bundle's fiber Legendre series (``nw`` = its length,
+        weights ``P_l(t_f)``).
+        """
+        s = self.static
+        lay = self.layout
+        nf = s.nf
+        nw = dict(s.psf_shapes)["pc"][1] if "pc" in dict(s.psf_shapes) else 1
+        pf = np.asarray(fiber_legendre(nf, nw - 1))  # (nf, nw)
+        idx, wts = [], []
+        one = np.zeros((nf, nw))
+        one[:, 0] = 1.0
+
+        def add(i, w=one):
+            full = np.zeros((nf, nw), int)
+            full[:, :] = np.asarray(i)[:, None] if np.ndim(i) == 1 else i
+            idx.append(np.where(w != 0, full, 0) if w is one else full)
+            wts.append(w)
+
+        for key, a, b in s.colors:
+            sl = lay.slices[key]
+            shp = lay.shapes[key]
+            if key in ("dx", "dy"):
+                add(sl.start + np.arange(nf) * shp[1] + a)
+            elif key in ("log_sigx", "log_sigy"):
+                add(sl.start + np.arange(nf))
+            elif key == "pc":  # shape term a, wavelength coefficient b: spread over the fiber series
+                add(np.broadcast_to(sl.start + (a * shp[1] + np.arange(nw)) * shp[2] + b, (nf, nw)), pf)
+            elif len(shp) == 2:  # per-fiber gh (ngh, nf)
+                add(sl.start + a * nf + np.arange(nf))
+            else:  # shared gh
+                add(np.full(nf, sl.start + a))
+        if s.narc:
+            st = lay.slices["line_flux"].start
+            for a in range(s.narc):
+                for li in range(s.nline):
+                    add(st + (a * nf + np.arange(nf)) * s.nline + li)
+        if s.nflat:
+            st = lay.slices["flat_amp"].start
+            for a in range(s.nflat):
+                for b in range(s.nbasis):
+                    add(st + (a * nf + np.arange(nf)) * s.nbasis + b)
+        return np.stack(idx, axis=1), np.stack(wts, axis=1)
+
+    def normal_equations(self, params: dict):
+        """Gauss-Newton pieces at ``params``: ``(chi2, J^T J, J^T r)`` over the flat theta.
+
+        ``r`` are the weighted residuals, ``J = d model / d theta`` weighted, so a
+        Gauss-Newton step is ``delta = (J^T J)^-1 J^T r``.
+        """
+        s = self.static
+        bands, jac = self.band_jacobian(params)
+        cols = self._cols()
+        resid = (self.data - self._to_image(bands)) * self.sqw  # (nimg, H, Wfull)
+        chi2 = jnp.sum(resid**2)
+        # each fiber's band of weights / residuals: (nimg, nf, H, Wb), 0 past the frame
+        wfull = s.W + 2 * s.pad
+        inside = (cols < wfull)[None, :, None, :]
+        cl = jnp.clip(cols, 0, wfull - 1)
+        sqw_b = jnp.where(inside, jnp.moveaxis(self.sqw[:, :, cl], 2, 1), 0.0)
+        r_b = jnp.where(inside, jnp.moveaxis(resid[:, :, cl], 2, 1), 0.0)
+        jw = jac * sqw_b[..., None]  # weighted
+        na = jw.shape[-1]
+        # (nf, R, Wb, na) with R = nimg * H
+        jf = jnp.moveaxis(jw, 1, 0).reshape(s.nf, -1, s.Wb, na)
+        rf = jnp.moveaxis(r_b, 1, 0).reshape(s.nf, -1, s.Wb)
+        jtr_local = jnp.einsum("frca,frc->fa", jf, rf)
+        # neighbour products: fiber i with fiber i + d, its band shifted by o = xlo[i+d] - xlo[i]
+        jpad = jnp.pad(jf, ((0, s.dmax), (0, 0), (s.Wb, s.Wb), (0, 0)))
+        xl = jnp.concatenate([self.xlo, jnp.full((s.dmax,), self.xlo[-1] + 10 * s.Wb, self.xlo.dtype)])
+        blocks = []
+        for d in range(s.dmax + 1):
+            o = jnp.clip(xl[d:d + s.nf] - self.xlo, 0, s.Wb)
+            other = jax.vmap(lambda jj, oo: jax.lax.dynamic_slice_in_dim(jj, s.Wb - oo, s.Wb, axis=1))(
+                jpad[d:d + s.nf], o)
+            blocks.append(jnp.einsum("frca,frcb->fab", jf, other))
+        idx_np, wts_np = self._index_map()
+        n = self.layout.size
+        jtj = jnp.zeros((n, n), jw.dtype)
+        if wts_np.shape[-1] == 1:
+            idx = jnp.asarray(idx_np[..., 0])
+            idx_pad = jnp.concatenate([idx, jnp.zeros((s.dmax, na), idx.dtype)])
+            jtr = jnp.zeros((n,), jw.dtype).at[idx].add(jtr_local)
+            for d, g in enumerate(blocks):
+                ii = idx[:, :, None]
+                jj = idx_pad[d:d + s.nf][:, None, :]
+                if d == 0:
+                    jtj = jtj.at[ii, jj].add(g)
+                else:
+                    valid = (np.arange(s.nf) + d < s.nf)[:, None, None]
+                    g = jnp.where(valid, g, 0.0)
+                    jtj = jtj.at[ii, jj].add(g)
+                    jtj = jtj.at[jj, ii].add(g)  # the transposed block: entry [f, p, q] -> (j q, i p)
+        else:  # weighted: column (f, a) -> sum_l wts[f, a, l] * theta[idx[f, a, l]]
+            nw = wts_np.shape[-1]
+            idx = jnp.asarray(idx_np)
+            wts = jnp.asarray(wts_np, jw.dtype)
+            idx_pad = jnp.concatenate([idx, jnp.zeros((s.dmax, na, nw), idx.dtype)])
+            wts_pad = jnp.concatenate([wts, jnp.zeros((s.dmax, na, nw), wts.dtype)])
+            jtr = jnp.zeros((n,), jw.dtype).at[idx].add(jtr_local[:, :, None] * wts)
+            for d, g in enumerate(blocks):
+                ii = idx[:, :, :, None, None]
+                jj = idx_pad[d:d + s.nf][:, None, None, :, :]
+                gw = (g[:, :, None, :, None] * wts[:, :, :, None, None]
+                      * wts_pad[d:d + s.nf][:, None, None, :, :])  # (nf, na, nw, na, nw)
+                jtj = jtj.at[ii, jj].add(gw)
+                if d > 0:
+                    jtj = jtj.at[jj, ii].add(gw)
+        return chi2, jtj, jtr
+
+
+def _cut(image, ivar, img_xyrange, box):
+    """Cut ``box`` out of an image placed at ``img_xyrange`` on the CCD (ivar 0 outside it)."""
+    image = np.asarray(image, dtype=np.float64)
+    ivar = np.asarray(ivar, dtype=np.float64)
+    x0, x1, y0, y1 = box
+    ix0, ix1, iy0, iy1 = img_xyrange
+    out = np.zeros((y1 - y0, x1 - x0))
+    oiv = np.zeros_like(out)
+    xa, xb = max(x0, ix0), min(x1, ix1)
+    ya, yb = max(y0, iy0), min(y1, iy1)
+    if xa < xb and ya < yb:
+        out[ya - y0:yb - y0, xa - x0:xb - x0] = image[ya - iy0:yb - iy0, xa - ix0:xb - ix0]
+        oiv[ya - y0:yb - y0, xa - x0:xb - x0] = ivar[ya - iy0:yb - iy0, xa - ix0:xb - ix0]
+    good = np.isfinite(out) & np.isfinite(oiv) & (oiv > 0)
+    return np.where(good, out, 0.0), np.where(good, oiv, 0.0)
+
+
+def _as_input(img, where: str):
+    """(image, ivar, xyrange) from a CalibImage, a Preproc-like object or a tuple."""
+    if isinstance(img, CalibImage):
+        return img.image, img.ivar, img.xyrange
+    if hasattr(img, "image") and hasattr(img, "ivar"):
+        xy = getattr(img, "xyrange", None) or (0, img.image.shape[1], 0, img.image.shape[0])
+        return img.image, img.ivar, xy
+    if isinstance(img, (tuple, list)) and len(img) == 3:
+        return img[0], img[1], tuple(int(v) for v in img[2])
+    if isinstance(img, (tuple, list)) and len(img) == 2:
+        image, ivar = img
+        return image, ivar, (0, np.shape(image)[1], 0, np.shape(image)[0])
+    raise TypeError(f"{where}: expected a CalibImage, a Preproc, (image, ivar) or (image, ivar, xyrange)")
+
+
+def patch_lines(psf: GaussHermitePSF, lines: LineList, fibers, box) -> LineList:
+    """The lines of ``lines`` whose spots of ``fibers`` reach the pixel ``box`` (or a clear error).
+
+    Raises:
+        ValueError: no line reaches the box (names the fibers, rows and
+            wavelengths, and says what to change).
+    """
+    fibers = np.asarray(fibers, dtype=int)
+    margin = psf.hsizey + 3
+    ylin = np.asarray(psf.y(fibers[:, None], lines.wave[None, :]))
+    ok = (lines.wave >= psf.wmin) & (lines.wave <= psf.wmax)
+    ok &= np.any((ylin > box[2] - margin) & (ylin < box[3] + margin), axis=0)
+    plines = lines.select(ok)
+    if len(plines) == 0:
+        w = np.asarray(psf.wavelength(fibers[[0, -1]][:, None], np.array([box[2], box[3]], float)[None, :]))
+        raise ValueError(
+            f"no arc line falls in the pixel box {tuple(box)} (fibers {fibers[0]}-{fibers[-1]}, rows "
+            f"{box[2]}-{box[3]}, about {w.min():.1f}-{w.max():.1f} A): give a line list (--lines) with "
+            f"lines there, widen the wavelength range or use fewer wavelength blocks")
+    return plines
+
+
+def check_patch(
+    psf_init: GaussHermitePSF,
+    arcs: Sequence = (),
+    flats: Sequence = (),
+    *,
+    lines: LineList | None = None,
+    fibers: Sequence[int] | None = None,
+    specmin: int = 0,
+    nspec: int | None = None,
+    waverange: tuple[float, float] | None = None,
+    xyrange: tuple[int, int, int, int] | None = None,
+    what: Sequence[str] = DEFAULT_WHAT,
+    trace_deg: int = 0,
+    gh_terms: Sequence[str] = DEFAULT_GH_TERMS,
+    flat_deg: int = 2,
+    bucket: int = 16,
+    allow_no_lines: bool = False,
+    min_hw: tuple[int, int] = (0, 0),
+):
+    """Every check of :func:`calib_patch`, without building the patch (cheap: run it for
+    all patches of a CCD before fitting any).
+
+    Returns:
+        ``(fibers, box, real_box, lines_in_box, gh_terms)``: the box rounded up to
+        ``bucket`` pixels, the box whose pixels are fitted, the arc lines reaching it
+        (None without arcs).
+
+    Raises:
+        ValueError / TypeError: bad input, naming what to change.
+    """
+    if not isinstance(psf_init, GaussHermitePSF):
+        raise TypeError(f"PSF fitting needs a GaussHermitePSF, got {type(psf_init).__name__}")
+    bad = [w for w in what if w not in ALL_WHAT]
+    if bad:
+        raise ValueError(f"unknown 'what' entries {bad}; choose from {ALL_WHAT}")
+    if not len(arcs) and not len(flats):
+        raise ValueError("PSF fitting needs at least one arc or flat image")
+    if len(arcs) and lines is None:
+        raise ValueError("arc images need a line list (lines=...)")
+    if fibers is None:
+        nspec = psf_init.nspec - specmin if nspec is None else nspec
+        fibers = np.arange(specmin, specmin + nspec)
+    fibers = np.asarray(fibers, dtype=int)
+    if fibers.ndim != 1 or len(fibers) == 0 or np.any(np.diff(fibers) != 1):
+        raise ValueError(f"fibers must be consecutive fiber indices, got {fibers}")
+    psf_init.check_fibers(int(fibers[0]), len(fibers))
+    f0, nf = int(fibers[0]), len(fibers)
+    gh_terms = tuple(gh_terms) if "gh" in what else ()
+    for n in gh_terms:
+        psf_init.param_index(n)
+    ncoef_trace = min(psf_init.xcoef.shape[1], psf_init.ycoef.shape[1])
+    if not 0 <= trace_deg < ncoef_trace:
+        raise ValueError(f"trace_deg must be in 0..{ncoef_trace - 1}, got {trace_deg}")
+    if flat_deg < 0:
+        raise ValueError(f"flat_deg must be >= 0, got {flat_deg}")
+
+    if xyrange is None:
+        wr = (psf_init.wmin, psf_init.wmax) if waverange is None else waverange
+        box = list(psf_init.xyrange((f0, f0 + nf), wr))
+    else:
+        box = [int(v) for v in xyrange]
+    # round the box up for shared compiled shapes; the added pixels get no weight
+    # (they may hold light of fibers that are not modelled, e.g. the next bundle)
+    real = tuple(box)
+    H = max(_round_up(box[3] - box[2], bucket), int(min_hw[0]))
+    W = max(_round_up(box[1] - box[0], bucket), int(min_hw[1]))
+    box[3] = box[2] + H
+    box[1] = box[0] + W
+    box = tuple(int(v) for v in box)
+
+    plines = None
+    if len(arcs):
+        try:
+            plines = patch_lines(psf_init, lines, fibers, box)
+        except ValueError:
+            if not allow_no_lines:
+                raise
+            plines = lines.select(np.zeros(len(lines), bool))
+    for kind, group in (("arc", arcs), ("flat", flats)):
+        for n, im in enumerate(group):
+            image, ivar, ixy = _as_input(im, f"{kind} {n}")
+            if np.shape(image) != np.shape(ivar) or np.ndim(image) != 2:
+                raise ValueError(f"{kind} {n}: image {np.shape(image)} and ivar {np.shape(ivar)} must be "
+                                 "2-d arrays of one shape")
+            if (ixy[1] - ixy[0], ixy[3] - ixy[2]) != (np.shape(image)[1], np.shape(image)[0]):
+                raise ValueError(f"{kind} {n}: xyrange {ixy} does not match the image shape {np.shape(image)}")
+            xa, xb = max(real[0], ixy[0]), min(real[1], ixy[1])
+            ya, yb = max(real[2], ixy[2]), min(real[3], ixy[3])
+            sub = np.asarray(ivar)[max(ya - ixy[2], 0):max(yb - ixy[2], 0), max(xa - ixy[0], 0):max(xb - ixy[0], 0)]
+            if not np.any(np.isfinite(sub) & (sub > 0)):
+                raise ValueError(
+                    f"{kind} {n} has no valid pixel (ivar > 0) in the box {tuple(real)} of fibers "
+                    f"{fibers[0]}-{fibers[-1]} (the image covers {tuple(ixy)}): fit fibers and wavelengths "
+                    "that the image covers")
+            if kind == "arc" and len(plines):
+                _check_arc_light(psf_init, np.asarray(image), np.asarray(ivar), ixy, fibers, real, plines, n)
+    return fibers, box, real, plines, gh_terms
+
+
+def _check_arc_light(psf, image, ivar, ixy, fibers, box, plines, n, min_snr: float = 10.0):
+    """Raise unless arc ``n`` has lamp light where ``plines`` fall in ``box`` (summed S/N >= ``min_snr``)."""
+    xy = np.asarray(psf.x(fibers[:, None], plines.wave[None, :])).ravel()
+    yy = np.asarray(psf.y(fibers[:, None], plines.wave[None, :])).ravel()
+    ok = (yy >= box[2]) & (yy < box[3]) & (xy >= ixy[0]) & (xy < ixy[1]) & (yy >= ixy[2]) & (yy < ixy[3])
+    if not np.any(ok):
+        return  # only the wings of lines just outside the box: nothing to test on
+    sig = var = 0.0
+    for x, y in zip(xy[ok], yy[ok]):
+        c0, r0 = int(round(x)) - 1 - ixy[0], int(round(y)) - 1 - ixy[2]
+        d = image[max(r0, 0):r0 + 3, max(c0, 0):c0 + 3]
+        w = ivar[max(r0, 0):r0 + 3, max(c0, 0):c0 + 3]
+        good = np.isfinite(d) & np.isfinite(w) & (w > 0)
+        sig += float(np.sum(d[good]))
+        var += float(np.sum(1.0 / w[good]))
+    if var > 0 and sig / np.sqrt(var) < min_snr:
+        raise ValueError(
+            f"arc {n} has no lamp light at the {int(ok.sum())} spots of the arc lines in the box {tuple(box)} "
+            f"(fibers {fibers[0]}-{fibers[-1]}; summed S/N {sig / np.sqrt(var):.1f}): check that the arc covers "
+            "these fibers and wavelengths, or fit a range where its lines are")
+
+
+def calib_patch(
+    psf_init: GaussHermitePSF,
+    arcs: Sequence = (),
+    flats: Sequence = (),
+    *,
+    lines: LineList | None = None,
+    fibers: Sequence[int] | None = None,
+    specmin: int = 0,
+    nspec: int | None = None,
+    waverange: tuple[float, float] | None = None,
+    xyrange: tuple[int, int, int, int] | None = None,
+    what: Sequence[str] = DEFAULT_WHAT,
+    trace_deg: int = 0,
+    gh_terms: Sequence[str] = DEFAULT_GH_TERMS,
+    per_fiber_gh: bool = False,
+    flat_deg: int = 2,
+    flat_lamp: Callable | None = None,
+    flat_dw: float = 0.5,
+    band_margin: int = 3,
+    bucket: int = 16,
+    shape_terms: Sequence[str] | None = None,
+    legdeg_fiber: int = 1,
+    legdeg_wave: int | None = None,
+    allow_no_lines: bool = False,
+    pad_to: dict | None = None,
+) -> CalibPatch:
+    """Set up one fitting patch (see :func:`fit_psf` for the arguments).
+
+    Shapes are rounded up (box to ``bucket`` pixels, line and flat-sample counts
+    to fixed steps) so that patches of a CCD share one compiled function;
+    ``pad_to`` (``{"H", "W", "Wb", "nline", "nsamp", "dmax"}`` minimums, e.g. the largest
+    over a bundle's blocks, see :attr:`CalibPatch.sizes`) pads further so that
+    patches can be stacked and vmapped.  With ``"shape"`` in ``what`` (the full
+    model, :func:`apply_psf_params`'s ``pc``): ``shape_terms`` (default
+    :func:`shape_terms_of`), their fiber and wavelength Legendre degrees
+    ``legdeg_fiber`` and ``legdeg_wave`` (default the file's: all its
+    coefficients); ``allow_no_lines`` lets a block of a bigger fit have no arc line.
+
+    Returns:
+        ``(patch, meta)``: the :class:`CalibPatch` and ``{"box": (xmin, xmax,
+        ymin, ymax), "lines": LineList of the modelled lines}``.
+    """
+    fibers, box, real, plines, gh_terms = check_patch(
+        psf_init, arcs, flats, lines=lines, fibers=fibers, specmin=specmin, nspec=nspec,
+        waverange=waverange, xyrange=xyrange, what=what, trace_deg=trace_deg, gh_terms=gh_terms,
+        flat_deg=flat_deg, bucket=bucket, allow_no_lines=allow_no_lines,
+        min_hw=(int((pad_to or {}).get("H", 0)), int((pad_to or {}).get("W", 0))))
+    f0, nf = int(fibers[0]), len(fibers)
+    ny, nx = psf_init.stamp_shape
+    pad_to = dict(pad_to or {})
+    shape = None
+    sterms = ()
+    if "shape" in what:
+        sterms = shape_terms_of(psf_init) if shape_terms is None else tuple(shape_terms)
+        for n in sterms:
+            psf_init.param_index(n)
+        ncoef = psf_init.params.shape[2]
+        nk = ncoef if legdeg_wave is None else int(legdeg_wave) + 1
+        if not 1 <= nk <= ncoef:
+            raise ValueError(f"legdeg_wave must be in 0..{ncoef - 1} (the file's coefficients), got {legdeg_wave}")
+        if not 0 <= legdeg_fiber < max(nf, 1):
+            raise ValueError(f"legdeg_fiber must be in 0..{nf - 1} for {nf} fibers, got {legdeg_fiber}")
+        shape = (len(sterms), int(legdeg_fiber) + 1, nk)
+    nsig = sum(n in ("GHSIGX", "GHSIGY") for n in sterms)
+    if sterms[:nsig] != tuple(n for n in sterms if n in ("GHSIGX", "GHSIGY")):
+        raise ValueError(f"shape_terms must list GHSIGX / GHSIGY first, got {sterms}")
+    H, W = box[3] - box[2], box[1] - box[0]
+
+    inputs = []
+    for kind, group in (("arc", arcs), ("flat", flats)):
+        for n, im in enumerate(group):
+            image, ivar, ixy = _as_input(im, f"{kind} {n}")
+            d, w = _cut(image, ivar, ixy, box)
+            w[real[3] - box[2]:, :] = 0.0
+            w[:, real[1] - box[0]:] = 0.0
+            inputs.append((d, w))
+    narc, nflat = len(arcs), len(flats)
+
+    # the fibers' bands: every spot of fiber i over the box rows, with a margin
+    rows = np.arange(box[2] - ny, box[3] + ny, dtype=float)
+    wrows = np.asarray(psf_init.wavelength(fibers[:, None], rows[None, :]))
+    wrows = np.clip(wrows, psf_init.wmin, psf_init.wmax)
+    xtr = np.asarray(psf_init.x(fibers[:, None], wrows))
+    xlo_ccd = np.floor(xtr.min(axis=1) - psf_init.hsizex - band_margin).astype(int)
+    xhi_ccd = np.ceil(xtr.max(axis=1) + psf_init.hsizex + band_margin).astype(int) + 1
+    Wb = max(_round_up(int((xhi_ccd - xlo_ccd).max()), 4), int(pad_to.get("Wb", 0)))
+    pad = Wb
+    xlo = xlo_ccd - box[0] + pad
+    dmax = 0
+    for d in range(1, nf):
+        if np.any(xlo[d:] - xlo[:-d] < Wb):
+            dmax = d
+        else:
+            break
+    dmax = max(dmax, min(int(pad_to.get("dmax", 0)), nf - 1))
+
+    lw = lv = None
+    nline = 0
+    if narc:
+        nline = max(_round_up(max(len(plines), 1), 4), int(pad_to.get("nline", 0)))
+        lw = np.full(nline, float(plines.wave[0]) if len(plines) else 0.5 * (psf_init.wmin + psf_init.wmax))
+        lw[: len(plines)] = plines.wave
+        lv = np.arange(nline) < len(plines)
+    fw = fb = None
+    nsamp = nbasis = 0
+    if nflat:
+        lamp = flat_spectrum if flat_lamp is None else flat_lamp
+        fwave = flat_wave_grid(psf_init, f0, nf, box, flat_dw)
+        tt = (fwave - fwave[0]) * (2.0 / max(fwave[-1] - fwave[0], 1e-9)) - 1.0
+        basis = np.polynomial.legendre.legvander(tt, flat_deg) * (np.asarray(lamp(fwave)) * flat_dw)[:, None]
+        nsamp = max(_round_up(len(fwave), 64), int(pad_to.get("nsamp", 0)))
+        nbasis = flat_deg + 1
+        fw = np.full(nsamp, fwave[0])
+        fw[: len(fwave)] = fwave
+        fb = np.zeros((nsamp, nbasis))
+        fb[: len(fwave)] = basis
+
+    data = np.zeros((len(inputs), H, W + 2 * pad))
+    sqw = np.zeros_like(data)
+    for m, (d, w) in enumerate(inputs):
+        data[m, :, pad:pad + W] = d
+        sqw[m, :, pad:pad + W] = np.sqrt(w)
+
+    pshapes = _psf_shapes(nf, what, trace_deg, len(gh_terms), per_fiber_gh, shape)
+    static = _Static(
+        nf=nf, H=H, W=W, Wb=Wb, pad=pad, narc=narc, nflat=nflat, nline=nline, nsamp=nsamp,
+        nbasis=nbasis, dmax=dmax, psf_shapes=tuple((k, tuple(v)) for k, v in pshapes.items()),
+        gh_terms=gh_terms, colors=_colors(pshapes), shape_terms=sterms, nsig=nsig,
+    )
+    dt = jnp.result_type(float)
+    patch = CalibPatch(
+        psf=psf_init,
+        fibers=jnp.asarray(fibers, jnp.int32),
+        data=jnp.asarray(data, dt),
+        sqw=jnp.asarray(sqw, dt),
+        xlo=jnp.asarray(xlo, jnp.int32),
+        y0=jnp.asarray(box[2], jnp.int32),
+        x0=jnp.asarray(box[0], jnp.int32),
+        lwave=jnp.asarray(lw if narc else np.zeros(1), dt),
+        lvalid=jnp.asarray(lv if narc else np.zeros(1, bool)),
+        fwave=jnp.asarray(fw if nflat else np.zeros(1), dt),
+        fbasis=jnp.asarray(fb if nflat else np.zeros((1, 1)), dt),
+        static=static,
+    )
+    return patch, dict(box=box, lines=plines)
+
+
+# ---------------------------------------------------------------- compiled pieces
+@eqx.filter_jit
+def _normal_equations(patch: CalibPatch, theta):
+    return patch.normal_equations(patch.unflatten(theta))
+
+
+@eqx.filter_jit
+def _chi2(patch: CalibPatch, theta):
+    return patch.chi2(patch.unflatten(theta))
+
+
+@eqx.filter_jit
+def _model(patch: CalibPatch, theta):
+    return patch.model(patch.unflatten(theta))
