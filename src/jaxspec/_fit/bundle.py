@@ -355,7 +355,8 @@ def fit_bundle(
 
     Args:
         psf_init: the starting PSF (e.g. another night's).
-        arcs, flats: calibration images as for :func:`fit_psf`.
+        arcs: arc calibration images, as for :func:`fit_psf`.
+        flats: flat calibration images, as for :func:`fit_psf`.
         lines: the arc line list (required with arcs).
         fibers: the bundle's consecutive fibers.
         waverange: wavelengths [A] whose rows are fitted (default: the PSF's common range).
@@ -366,7 +367,10 @@ def fit_bundle(
         legdeg_fiber: their Legendre degree over the bundle's fibers (specex's LEGDEGX).
         legdeg_wave: their degree in wavelength (default the file's: all its coefficients).
         flat_deg: Legendre degree of each fiber's flat amplitude inside a block.
-        maxiter, step_tol, chi2_rtol, lam0: Levenberg-Marquardt controls as in :func:`fit_psf`.
+        maxiter: Levenberg-Marquardt iterations at most, as in :func:`fit_psf`.
+        step_tol: stop when the largest parameter step is below this, as in :func:`fit_psf`.
+        chi2_rtol: stop when chi2 changes by less than this fraction, as in :func:`fit_psf`.
+        lam0: the first damping, as in :func:`fit_psf`.
         patches_per_call: blocks evaluated by one compiled call (memory).
         callback: ``callback(bundle, iteration, chi2, step, lambda)`` (default: log at INFO).
 

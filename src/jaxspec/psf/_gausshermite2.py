@@ -92,14 +92,17 @@ class GaussHermite2PSF(PSF):
         """Build a PSF from Legendre coefficient arrays (host-side, concrete arrays).
 
         Args:
-            xcoef, ycoef: ``[nspec, ncoef]`` coefficients of the trace centre [CCD pixels].
+            xcoef: ``[nspec, ncoef]`` coefficients of the trace centre's x [CCD pixels].
+            ycoef: ``[nspec, ncoef]`` coefficients of the trace centre's y [CCD pixels].
             params: ``[nparam, nspec, ncoef]`` coefficients of ``param_names``
                 (GHSIGX, GHSIGY, GHNSIG, GHSIGX2, GHSIGY2, GH-i-j, GH2-i-j, TAIL*;
                 others are carried along unused).
             param_names: the ``nparam`` names, in the order of ``params``.
             domain: wavelength domain ``(wmin, wmax)`` [A] of every series.
-            hsizex, hsizey: stamps have ``2 hsizex`` columns and ``2 hsizey`` rows.
-            npix_x, npix_y: CCD size [pixels].
+            hsizex: stamps have ``2 hsizex`` columns.
+            hsizey: stamps have ``2 hsizey`` rows.
+            npix_x: CCD width [pixels].
+            npix_y: CCD height [pixels].
             ghdeg: ``(GHDEGX, GHDEGY, GHDEGX2, GHDEGY2)``.
             psferr: fractional PSF error used in chi2pix.
             fibermin: number of the first fiber in the file (FIBERMIN).
