@@ -11,12 +11,14 @@ import os
 
 import numpy as np
 
+from jaxspec import ExtractOptions
+
 NSPEC = 50
 WAVE = 5650.0 + 0.8 * np.arange(60)
 #: 38 wavelength bins, 4 patches per subbundle: quick to compile and run
 WAVELENGTH = (5660.0, 5690.0, 0.8)
 CLI_OPTIONS = ["-w", "5660,5690,0.8", "--nwavestep", "20", "--chunk-size", "8"]
-EXTRACT_KW = dict(wavesize=20, chunk_size=8)
+EXTRACT_KW = dict(options=ExtractOptions(nwavestep=20, chunk_size=8))
 
 
 def tiny_psf():

@@ -69,7 +69,7 @@ def test_apply_psf_params_full_model_is_a_fiber_legendre_series(psf_path):
     np.testing.assert_array_equal(np.asarray(out.params[:, 5:]), np.asarray(psf.params[:, 5:]))
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_full_fit_from_another_night(psf_path):
     """Start psf-r0-00051060, truth psf-r0-00067784: 5 fibers, 6300-6500 A, arc + flat.
 

@@ -346,7 +346,7 @@ def gather_parts(comm, ok: bool, err: str | None, arrays: dict[str, np.ndarray] 
     return True, None, out
 
 
-def extract_distributed(image, ivar, psf, wave, *, comm, specmin: int = 0, nspec: int = 25, bundlesize: int = 25,
+def extract_distributed(image, ivar, psf, wave, *, comm, specmin: int = 0, nspec: int = 25, options=None,
                         **kwargs) -> dict[str, np.ndarray] | None:
     """:func:`jaxspec.extract` with the bundles split over the ranks of ``comm``.
 
@@ -360,9 +360,11 @@ def extract_distributed(image, ivar, psf, wave, *, comm, specmin: int = 0, nspec
         wave: (nwave,) wavelength grid [A].
         comm: mpi4py communicator.
         specmin: first fiber.
-        nspec: number of fibers (whole bundles).
-        bundlesize: fibers per bundle.
-        **kwargs: the other options of :func:`jaxspec.extract`.
+        nspec: number of fibers (a last bundle may be partial).
+        options: the :class:`~jaxspec._extraction.options.ExtractOptions` (its ``bundlesize``
+            decides the split).
+        **kwargs: the other arguments of :func:`jaxspec.extract` (the previous release's
+            option keywords too, with a DeprecationWarning).
 
     Returns:
         On rank 0: ``wave`` (nwave,) and ``flux``, ``ivar``, ``xflux``, ``chi2pix``,
@@ -374,15 +376,15 @@ def extract_distributed(image, ivar, psf, wave, *, comm, specmin: int = 0, nspec
     """
     import jax
 
-    from .._extraction.extract import extract
+    from .._extraction.extract import _OLD_KEYWORDS, _resolve_options, extract
 
-    if nspec % bundlesize:
-        raise ValueError(f"nspec {nspec} must be a multiple of bundlesize {bundlesize}")
-    first, n = split_fibers(specmin, nspec, bundlesize, comm.Get_rank(), comm.Get_size())
+    old = {k: kwargs.pop(k) for k in list(kwargs) if k in _OLD_KEYWORDS}
+    options = _resolve_options(options, old, "extract_distributed")
+    first, n = split_fibers(specmin, nspec, options.bundlesize, comm.Get_rank(), comm.Get_size())
     ok, err, arrays = True, None, None
     if n > 0:
         try:
-            ex = extract(image, ivar, psf, wave, specmin=first, nspec=n, bundlesize=bundlesize, **kwargs)
+            ex = extract(image, ivar, psf, wave, specmin=first, nspec=n, options=options, **kwargs)
             names = ("flux", "ivar", "xflux", "chi2pix", "pixmask_fraction", "resolution")
             arrays = {k: np.asarray(v) for k, v in jax.device_get({k: getattr(ex, k) for k in names}).items()}
             arrays["wave"] = np.asarray(ex.wave)
