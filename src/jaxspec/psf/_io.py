@@ -362,15 +362,15 @@ def _read_gh3(path, hdul) -> GaussHermitePSF:
     return psf
 
 
-def _read_gh2(path, hdul) -> GaussHermitePSF:
-    if len(hdul) < 2:
-        raise ValueError(f"{path}: missing HDU 1 (the PSFVER 2 parameter table)")
-    tb, data = _table(path, hdul, 1, ("PARAM", "COEFF", "WAVEMIN", "WAVEMAX"))
-    meta = _gh_meta(path, tb, "1")
+def _xy_rows_table(path, tb, data):
+    """HDU 1 of the row-per-parameter layouts (PSFVER 2, GAUSS-HERMITE2): X and Y are rows too.
+
+    Returns ``(fibermin, xcoef, ycoef, pcoef, pnames, domain)``; specter applies the last
+    row's WAVEMIN/WAVEMAX to every parameter, X and Y included.
+    """
     fibermin, nspec = _nspec(path, tb, "1")
     names = _param_names(path, data, "1")
     coeff = _coeff(path, data, "1", names, nspec, _ncoef(path, tb, "1"))
-    # specter applies the last row's domain to every parameter, X and Y included
     dom = (float(data["WAVEMIN"][-1]), float(data["WAVEMAX"][-1]))
     _check_domain(path, "1", f"columns WAVEMIN/WAVEMAX of row {names[-1]}", *dom)
     for n in ("X", "Y"):
@@ -378,12 +378,21 @@ def _read_gh2(path, hdul) -> GaussHermitePSF:
             raise ValueError(f"{path}: HDU 1 table has no {n} row")
     ix, iy = names.index("X"), names.index("Y")
     keep = [k for k in range(len(names)) if k not in (ix, iy)]
+    return fibermin, coeff[ix], coeff[iy], coeff[keep], [names[k] for k in keep], dom
+
+
+def _read_gh2(path, hdul) -> GaussHermitePSF:
+    if len(hdul) < 2:
+        raise ValueError(f"{path}: missing HDU 1 (the PSFVER 2 parameter table)")
+    tb, data = _table(path, hdul, 1, ("PARAM", "COEFF", "WAVEMIN", "WAVEMAX"))
+    meta = _gh_meta(path, tb, "1")
+    fibermin, xcoef, ycoef, pcoef, pnames, dom = _xy_rows_table(path, tb, data)
     try:
         psf = GaussHermitePSF.from_arrays(
-            coeff[ix],
-            coeff[iy],
-            coeff[keep],
-            [names[k] for k in keep],
+            xcoef,
+            ycoef,
+            pcoef,
+            pnames,
             xdomain=dom,
             ydomain=dom,
             pdomain=dom,
@@ -409,20 +418,10 @@ def _read_gauss_hermite2(path, hdul) -> GaussHermite2PSF:
     meta = _gh_meta(path, tb, "1")
     ghdeg = (meta.pop("ghdegx"), meta.pop("ghdegy"),
              _int_key(path, tb, "1", "GHDEGX2", minimum=0), _int_key(path, tb, "1", "GHDEGY2", minimum=0))
-    fibermin, nspec = _nspec(path, tb, "1")
-    names = _param_names(path, data, "1")
-    coeff = _coeff(path, data, "1", names, nspec, _ncoef(path, tb, "1"))
-    # specter applies the last row's domain to every parameter, X and Y included
-    dom = (float(data["WAVEMIN"][-1]), float(data["WAVEMAX"][-1]))
-    _check_domain(path, "1", f"columns WAVEMIN/WAVEMAX of row {names[-1]}", *dom)
-    for n in ("X", "Y"):
-        if n not in names:
-            raise ValueError(f"{path}: HDU 1 table has no {n} row")
-    ix, iy = names.index("X"), names.index("Y")
-    keep = [k for k in range(len(names)) if k not in (ix, iy)]
+    fibermin, xcoef, ycoef, pcoef, pnames, dom = _xy_rows_table(path, tb, data)
     try:
         psf = GaussHermite2PSF.from_arrays(
-            coeff[ix], coeff[iy], coeff[keep], [names[k] for k in keep],
+            xcoef, ycoef, pcoef, pnames,
             domain=dom, ghdeg=ghdeg, fibermin=fibermin, **meta,
         )
     except ValueError as err:
