@@ -5,9 +5,9 @@ Simulates an r-camera frame (500 fibers, 5760-7620 A at 0.8 A = 2326 bins) throu
 ~0.78 A steps, the z camera's number of bins), then
 extracts it with
 
-* ``ref``: the reference settings (``jaxspec.extract`` defaults: wavesize 50,
+* ``ref``: the reference settings (``jaxspec.extract`` defaults: nwavestep 50,
   wavepad_frac 0.2, pixpad_frac 0.8), and
-* ``gpu``: the established GPU code's benchmark settings (wavesize 30,
+* ``gpu``: the established GPU code's benchmark settings (nwavestep 30,
   wavepad_frac 0, pixpad_frac 0),
 
 and prints, per setting: seconds per frame after compilation (median of

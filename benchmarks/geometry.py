@@ -42,7 +42,7 @@ def main() -> None:
     def once() -> tuple[float, object]:
         psf = jax.tree_util.tree_map(lambda a: a, psf0)  # a fresh PSF object
         t0 = time.perf_counter()
-        geom = patch_geometry(psf, wave, 0, 500, bundlesize=25, nsubbundles=5, wavesize=50)
+        geom = patch_geometry(psf, wave, 0, 500, bundlesize=25, nsubbundles=5, nwavestep=50)
         return time.perf_counter() - t0, geom
 
     once()  # warm-up: compiles the trace evaluations

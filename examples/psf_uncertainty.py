@@ -41,7 +41,7 @@ print(f"fit: chi2/dof {res.reduced_chi2:.3f}; sigma(dx) ~ {np.median(res.errors[
 wave = np.arange(6380.0, 6410.0, 0.8)
 flux = 2e4 * np.ones((nf, len(wave)))  # a bright continuum: photon noise small vs PSF error
 image, ivar, _ = jaxspec.simulate(psf, wave, flux, specmin=0, xyrange=box, seed=3)
-ex, jac = flux_jacobian(res, image, ivar, wave, xyrange=box, wavesize=len(wave))
+ex, jac = flux_jacobian(res, image, ivar, wave, xyrange=box, nwavestep=len(wave))
 var_psf = propagate_psf_uncertainty(jac, res.psf_cov)
 sig_psf = np.sqrt(var_psf)
 sig_phot = 1 / np.sqrt(np.asarray(ex.ivar))
@@ -61,8 +61,9 @@ for i in range(40):
         d[k] = jnp.asarray(p[j:j + n].reshape(np.shape(res.params[k])))
         j += n
     ps = apply_psf_params(res.psf_init, d, fibers, gh_terms=res.gh_terms).with_traces()
-    draws.append(np.asarray(jaxspec.extract(image, ivar, ps, wave, specmin=0, nspec=nf, bundlesize=nf,
-                                            nsubbundles=1, xyrange=box, wavesize=len(wave)).flux))
+    draws.append(np.asarray(jaxspec.extract(image, ivar, ps, wave, specmin=0, nspec=nf, xyrange=box,
+                                            options=jaxspec.ExtractOptions(bundlesize=nf, nsubbundles=1,
+                                                                           nwavestep=len(wave))).flux))
 mc = np.std(draws, axis=0, ddof=1)
 ratio = mc[:, 5:-5] / sig_psf[:, 5:-5]
 print(f"Monte Carlo sigma / propagated sigma: median {np.median(ratio):.3f} "

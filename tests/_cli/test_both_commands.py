@@ -1,4 +1,5 @@
-"""``jaxspec extract`` and ``jaxspec extract-batch`` run the one frame job: the same outcome on every case.
+"""``jaxspec extract`` and ``jaxspec extract-batch`` run the one frame job: the same outcome on every case
+of the bad-input table (issue 15: bad PSF files, bad or awkward preprocs, FIBERMAP, camera, CCD size).
 
 Each case is one (preproc, PSF) pair, good or bad; both commands run it, and the
 outcome must match: byte-identical frame data where it succeeds (checksums aside),
@@ -66,6 +67,123 @@ def _case(d: Path, name: str, image: str, psf: str) -> dict:
     out["masked"] = (str(p), psf, None)
     # a missing input
     out["missing"] = (str(d / "nope.fits"), psf, "no such file")
+    out.update(_bad_psfs(d, name, image, psf))
+    out.update(_bad_preprocs(d, name, image, pre, psf))
+    return out
+
+
+def _edited_psf(d: Path, name: str, psf: str, case: str, edit) -> str:
+    """A copy of the PSF file with ``edit(hdulist)`` applied."""
+    path = d / f"{name}-psf-{case}.fits"
+    with fits.open(psf) as h:
+        hl = fits.HDUList([x.copy() for x in h])
+    edit(hl)
+    hl.writeto(path, overwrite=True)
+    return str(path)
+
+
+def _coeff(param: str, value: float, fiber: int = 2, constant: bool = False):
+    def edit(hl):
+        names = [str(n).strip() for n in hl["PSF"].data["PARAM"]]
+        coeff = np.array(hl["PSF"].data["COEFF"])
+        row = names.index(param)
+        if constant:
+            coeff[row, fiber, :] = 0.0
+        coeff[row, fiber, 0] = value
+        hl["PSF"].data["COEFF"] = coeff
+    return edit
+
+
+def _header(hdu: str, key: str, value):
+    def edit(hl):
+        hl[hdu].header[key] = value
+    return edit
+
+
+def _psf_as_image(hl):
+    hdr = fits.Header([c for c in hl["PSF"].header.cards
+                       if c.keyword not in ("XTENSION", "BITPIX", "PCOUNT", "GCOUNT", "TFIELDS")
+                       and not c.keyword.startswith(("NAXIS", "TTYPE", "TFORM", "TDIM"))])
+    hl["PSF"] = fits.ImageHDU(np.array(hl["PSF"].data["COEFF"]).reshape(-1, 3), header=hdr, name="PSF")
+
+
+def _nan_xtrace(hl):
+    hl["XTRACE"].data[3, 1] = np.nan
+
+
+def _swap_wave(hl):
+    h = hl["PSF"].header
+    h["WAVEMIN"], h["WAVEMAX"] = h["WAVEMAX"], h["WAVEMIN"]
+
+
+def _bad_psfs(d: Path, name: str, image: str, psf: str) -> dict:
+    """The bad PSF files of the bad-input table (issue 15, item 2 and the unclear messages)."""
+    edits = {
+        "psf-ghsigx-nan": (_coeff("GHSIGX", np.nan), "non-finite"),
+        "psf-ghsigx-zero": (_coeff("GHSIGX", 0.0, constant=True), "GHSIGX"),
+        "psf-ghsigy-negative": (_coeff("GHSIGY", -1.1, constant=True), "not positive"),
+        "psf-hsizex-negative": (_header("PSF", "HSIZEX", -3), "HSIZEX = -3 must be >= 1"),
+        "psf-npix-x-text": (_header("PSF", "NPIX_X", "wide"), "NPIX_X = 'wide' is not an integer"),
+        "psf-wave-swapped": (_swap_wave, "swapped"),
+        "psf-xtrace-nan": (_nan_xtrace, "HDU XTRACE has 1 non-finite"),
+        "psf-as-image": (_psf_as_image, "HDU PSF is an image"),
+    }
+    out = {case: (image, _edited_psf(d, name, psf, case, edit), text) for case, (edit, text) in edits.items()}
+    cut = d / f"{name}-psf-truncated.fits"
+    data = Path(psf).read_bytes()
+    cut.write_bytes(data[: len(data) - 2880])
+    out["psf-truncated"] = (image, str(cut), "the file is truncated")
+    return out
+
+
+def _with_card(src: str, dst: Path, key: str, raw: str) -> str:
+    """A copy of ``src`` with the header card of ``key`` replaced by the raw 80 bytes ``raw``."""
+    data = bytearray(Path(src).read_bytes())
+    i = data.index(key.ljust(8).encode() + b"=")
+    data[i:i + 80] = raw.ljust(80).encode()
+    dst.write_bytes(bytes(data))
+    return str(dst)
+
+
+def _bad_preprocs(d: Path, name: str, image: str, pre, psf: str) -> dict:
+    """The bad or awkward preproc files of the bad-input table (issue 15)."""
+    hdr = {"CAMERA": "r0", "FLAVOR": "science"}
+    out = {}
+    # an unparsable identifying card: refused
+    out["card-camera"] = (_with_card(image, d / f"{name}-card.fits", "CAMERA", "CAMERA  = r0 no quotes"),
+                          psf, "header card CAMERA")
+    # a FIBERMAP stored as an image: refused
+    p = d / f"{name}-fmimage.fits"
+    _frameio.write_preproc(p, pre.image, pre.ivar, header=hdr, overwrite=True)
+    with fits.open(p, mode="append") as h:
+        h.append(fits.ImageHDU(np.zeros((3, 2)), name="FIBERMAP"))
+    out["fibermap-image"] = (str(p), psf, "FIBERMAP HDU is an image")
+    # an int64 MASK with bits above 2^32 (DEAD | bit 40 on fiber 3's trace, x ~ 42, rows
+    # 84-138 for these wavelengths): written, the pixels masked
+    mask = np.zeros(pre.image.shape, dtype=np.int64)
+    mask[80:145, 40:45] = (1 << 40) | 4
+    p = d / f"{name}-mask64.fits"
+    _frameio.write_preproc(p, pre.image, pre.ivar, header=hdr, overwrite=True)
+    with fits.open(p, mode="update") as h:
+        if "MASK" in h:
+            h["MASK"].data = mask
+        else:
+            h.append(fits.ImageHDU(mask, name="MASK"))
+    out["mask64"] = (str(p), psf, None)
+    # bins whose spots fall almost entirely on masked pixels: written, and flagged in MASK
+    ivar = pre.ivar.copy()
+    rng = np.random.default_rng(3)
+    block = ivar[95:115, :]  # rows inside the extracted wavelengths
+    block[rng.random(block.shape) < 0.998] = 0.0
+    p = d / f"{name}-mostlymasked.fits"
+    _frameio.write_preproc(p, pre.image, ivar, header=hdr, overwrite=True)
+    out["mostly-masked"] = (str(p), psf, None)
+    # a path with non-ASCII characters: written
+    sub = d / "données"
+    sub.mkdir(exist_ok=True)
+    p = sub / f"{name}-préproc.fits"
+    _frameio.write_preproc(p, pre.image, pre.ivar, header=hdr, overwrite=True)
+    out["non-ascii"] = (str(p), psf, None)
     return out
 
 
@@ -93,6 +211,12 @@ def test_extract_and_batch_agree_on_every_case(base, tmp_path, capsys):
     assert fr.fibermap is None
     fr = jaxspec.read_frame(tmp_path / "extract-masked.fits")
     assert np.all(fr.ivar == 0) and np.all(np.isfinite(fr.flux))
+    ok = jaxspec.read_frame(tmp_path / "extract-ok.fits")
+    for case in ("mask64", "mostly-masked"):  # masked pixels change the frame and are flagged
+        fr = jaxspec.read_frame(tmp_path / f"extract-{case}.fits")
+        assert np.all(np.isfinite(fr.flux)) and np.all(np.isfinite(fr.ivar))
+        assert np.any(fr.mask != 0) and not np.array_equal(fr.ivar, ok.ivar), case
+    assert np.any(jaxspec.read_frame(tmp_path / "extract-mostly-masked.fits").mask & 1)  # SOMEBADPIX
 
 
 def test_camera_mismatch_can_be_allowed(base, tmp_path, capsys):

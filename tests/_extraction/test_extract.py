@@ -36,7 +36,8 @@ def reference(request, ref_path, psf_path):
     h = case["hdr"]
     case["ex"] = jaxspec.extract(
         case["IMAGE"], case["IVAR"], case["psf"], case["WAVELENGTH"], specmin=h["SPECMIN"],
-        nspec=h["NSPEC"], xyrange=case["xyrange"], wavesize=h["WAVESIZE"], nsubbundles=h["NSUB"],
+        nspec=h["NSPEC"], xyrange=case["xyrange"],
+        options=jaxspec.ExtractOptions(nwavestep=h["WAVESIZE"], nsubbundles=h["NSUB"]),
     )
     return case
 
@@ -173,7 +174,7 @@ def tiny_problem():
     psf = jaxspec.desi_like_psf(nspec=5, bundlesize=5, wmin=wave[0] - 8, wmax=wave[-1] + 8)
     flux = 80 + 300 * np.exp(-0.5 * ((wave - 5709) / 1.2) ** 2) * np.ones((5, 1))
     image, ivar, _ = jaxspec.simulate(psf, wave, flux, readnoise=3.0, seed=2)
-    geom = jaxspec.patch_geometry(psf, wave, 0, 5, bundlesize=5, nsubbundles=1, wavesize=12)
+    geom = jaxspec.patch_geometry(psf, wave, 0, 5, bundlesize=5, nsubbundles=1, nwavestep=12)
     return dict(psf=psf, wave=wave, image=jnp.asarray(image), ivar=jnp.asarray(ivar), geom=geom)
 
 

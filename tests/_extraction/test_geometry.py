@@ -134,7 +134,7 @@ def test_y_padding_is_round_not_int(synth_psf):
     """Convention 4: ex2d pads round(0.8 * 11) = 9 rows each side (not int(): 8)."""
     psf = synth_psf
     wave = 5650.0 + 0.8 * np.arange(100)
-    geom = patch_geometry(psf, wave, 0, 25, wavesize=50)
+    geom = patch_geometry(psf, wave, 0, 25, nwavestep=50)
     speclo, spechi, wlo, whi = _patch_rows(geom)
     for p in range(geom.npatch):
         xr = psf.xyrange((int(speclo[p]), int(spechi[p])), (float(wlo[p]), float(whi[p])))
@@ -146,7 +146,7 @@ def test_y_padding_is_round_not_int(synth_psf):
 def test_partial_bundles_and_any_nsubbundles(synth_psf, nspec, bundlesize, nsub):
     """Every fiber is kept from exactly one patch per block, with specter's subbundles."""
     wave = 5650.0 + 0.8 * np.arange(60)
-    geom = patch_geometry(synth_psf, wave, 3, nspec, bundlesize=bundlesize, nsubbundles=nsub, wavesize=30)
+    geom = patch_geometry(synth_psf, wave, 3, nspec, bundlesize=bundlesize, nsubbundles=nsub, nwavestep=30)
     nblock = 2
     kept = geom.out_fiber[geom.out_fiber >= 0]
     assert np.array_equal(np.bincount(kept, minlength=nspec), np.full(nspec, nblock))
@@ -177,7 +177,7 @@ def test_wavelengths_a_little_past_the_psf_are_accepted(synth_psf):
     lo, hi = psf.wave_limits()
     assert lo < psf.wmin - 3.0 and hi > psf.wmax + 3.0  # one spot height: ~6 A here
     wave = np.arange(psf.wmax - 40.0, psf.wmax + 3.0, 0.8)
-    geom = patch_geometry(psf, wave, 0, 25, wavesize=25)
+    geom = patch_geometry(psf, wave, 0, 25, nwavestep=25)
     assert np.all(geom.box[:, 3] <= psf.npix_y) and np.all(geom.box[:, 3] >= geom.box[:, 2])
     with pytest.raises(ValueError, match="outside"):
         patch_geometry(psf, wave + 50.0, 0, 25)
@@ -240,3 +240,13 @@ def test_padding_uses_the_spot_height_on_the_ccd(psf_path):
     xr = psf.xyrange((0, 6), (wave[0], wave[49]))
     assert geom.box[0, 3] == min(xr[3] + int(round(0.8 * ny)), psf.npix_y)
     assert geom.box[0, 3] != xr[3] + 9
+
+
+def test_wavesize_is_the_deprecated_name_of_nwavestep(synth_psf):
+    wave = 5650.0 + 0.8 * np.arange(100)
+    new = patch_geometry(synth_psf, wave, 0, 25, nwavestep=25)
+    with pytest.warns(DeprecationWarning, match="nwavestep"):
+        old = patch_geometry(synth_psf, wave, 0, 25, wavesize=25)
+    assert new.npatch == old.npatch == 5 * 4
+    for name in ("fibers", "wave_start", "nwave_patch", "box", "keep_n", "out_wave"):
+        np.testing.assert_array_equal(getattr(old, name), getattr(new, name))

@@ -132,7 +132,7 @@ def test_full_model_flux_jacobian_and_propagation(psf_path):
     flux = 500 + 200 * rng.uniform(size=(nf, len(wave)))
     ebox = _box(psf, nf, (wave[0], wave[-1]), 15.0)
     image, ivar, _ = jaxspec.simulate(res.psf, wave, flux, specmin=0, xyrange=ebox, seed=8)
-    ex, jac = jaxspec.flux_jacobian(res, image, ivar, wave, xyrange=ebox, wavesize=len(wave))
+    ex, jac = jaxspec.flux_jacobian(res, image, ivar, wave, xyrange=ebox, nwavestep=len(wave))
     assert jac.shape == (nf, len(wave), npsf)
     v = rng.normal(size=npsf) * np.sqrt(np.diag(c))
     keys = ("dx", "dy", "pc")
@@ -145,8 +145,9 @@ def test_full_model_flux_jacobian_and_propagation(psf_path):
             d[k] = jnp.asarray(p[i:i + n].reshape(np.shape(res.params[k])))
             i += n
         ps = jaxspec.apply_psf_params(psf, d, res.fibers, shape_terms=res.shape_terms).with_traces()
-        return np.asarray(jaxspec.extract(image, ivar, ps, wave, specmin=0, nspec=nf, bundlesize=nf,
-                                          nsubbundles=1, xyrange=ebox, wavesize=len(wave)).flux)
+        return np.asarray(jaxspec.extract(image, ivar, ps, wave, specmin=0, nspec=nf, xyrange=ebox,
+                                          options=jaxspec.ExtractOptions(bundlesize=nf, nsubbundles=1,
+                                                                         nwavestep=len(wave))).flux)
 
     eps = 1e-3  # the direction is 1 sigma of poorly constrained coefficients: stay in the linear regime
     fd = (extracted(p0 + eps * v) - extracted(p0 - eps * v)) / (2 * eps)

@@ -221,7 +221,7 @@ def test_flux_jacobian_matches_finite_differences_and_propagates(small):
     flux = 500 + 200 * rng.uniform(size=(3, len(wave)))
     box = calib_box(psf, 3, (wave[0], wave[-1]), pad_wave=15.0)
     image, ivar, _ = jaxspec.simulate(psf, wave, flux, specmin=0, xyrange=box, seed=8)
-    ex, jac = flux_jacobian(res, image, ivar, wave, xyrange=box, wavesize=len(wave))
+    ex, jac = flux_jacobian(res, image, ivar, wave, xyrange=box, nwavestep=len(wave))
     npsf = int(res.psf_mask.sum())
     assert jac.shape == (3, len(wave), npsf)
     v = rng.normal(size=npsf) * np.sqrt(np.diag(res.psf_cov))  # a 1-sigma-scaled direction
@@ -235,8 +235,9 @@ def test_flux_jacobian_matches_finite_differences_and_propagates(small):
             d[k] = jnp.asarray(p[i:i + n].reshape(np.shape(res.params[k])))
             i += n
         ps = apply_psf_params(res.psf_init, d, res.fibers, gh_terms=res.gh_terms).with_traces()
-        return np.asarray(jaxspec.extract(image, ivar, ps, wave, specmin=0, nspec=3, bundlesize=3,
-                                          nsubbundles=1, xyrange=box, wavesize=len(wave)).flux)
+        return np.asarray(jaxspec.extract(image, ivar, ps, wave, specmin=0, nspec=3, xyrange=box,
+                                          options=jaxspec.ExtractOptions(bundlesize=3, nsubbundles=1,
+                                                                         nwavestep=len(wave))).flux)
 
     eps = 1e-2
     fd = (extracted(p0 + eps * v) - extracted(p0 - eps * v)) / (2 * eps)

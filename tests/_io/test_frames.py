@@ -701,3 +701,19 @@ def test_read_model(tmp_path):
         fio.read_model(tmp_path / "t.fits")
     with pytest.raises(FileNotFoundError):
         fio.read_model(tmp_path / "none.fits")
+
+
+def test_frame_scores_count_non_finite_as_written():
+    """A NaN flux (a bin with no unmasked pixel) is scored as the 0 the frame file holds."""
+    wave = 6000.0 + 0.8 * np.arange(20)
+    flux = np.full((3, 20), 10.0)
+    ivar = np.full((3, 20), 4.0)
+    flux[1, 5] = np.nan
+    ivar[2, 7] = np.inf
+    scores = fio.frame_scores(wave, flux, ivar)
+    for name, (values, _) in scores.items():
+        assert np.all(np.isfinite(values)), name
+    total = scores["SUM_RAW_COUNT_R"][0]
+    np.testing.assert_allclose(total, [200.0, 190.0, 190.0], rtol=1e-15)
+    snr = scores["MEDIAN_RAW_SNR_R"][0]
+    np.testing.assert_allclose(snr, 10.0 * 2.0 / np.sqrt(0.8), rtol=1e-12)

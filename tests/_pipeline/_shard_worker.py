@@ -34,7 +34,7 @@ flux = 50 + 30 * rng.random((_frames.NSPEC, 1)) + 500 * np.exp(-0.5 * ((_frames.
 image, ivar, _ = jaxspec.simulate(psf, _frames.WAVE, flux, readnoise=3.0, seed=4)
 wave = np.arange(*_frames.WAVELENGTH[:2], _frames.WAVELENGTH[2])
 kw = dict(nspec=_frames.NSPEC, options=jaxspec.ExtractOptions(nwavestep=20, chunk_size=chunk, decorrelate="signal"))
-geom = jaxspec.patch_geometry(psf, wave, 0, _frames.NSPEC, wavesize=20)
+geom = jaxspec.patch_geometry(psf, wave, 0, _frames.NSPEC, nwavestep=20)
 ref = jaxspec.extract(image, ivar, psf, wave, **kw)
 names = ("flux", "ivar", "resolution", "xflux", "chi2pix", "pixmask_fraction")
 out = dict(devices=len(jax.devices()), npatch=int(geom.npatch), chunk=chunk, results={})

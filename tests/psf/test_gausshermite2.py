@@ -82,7 +82,7 @@ def test_gh2_patch_geometry_and_extraction(gh2):
     wave = 6000.0 + 0.8 * np.arange(40)
     flux = np.full((5, 40), 200.0)
     image, ivar, _ = jaxspec.simulate(gh2, wave, flux, readnoise=2.0, seed=3)
-    geom = jaxspec.patch_geometry(gh2, wave, 0, 5, bundlesize=5, nsubbundles=1, wavesize=20)
+    geom = jaxspec.patch_geometry(gh2, wave, 0, 5, bundlesize=5, nsubbundles=1, nwavestep=20)
     assert geom.box_shape[0] > 20
     ex = jaxspec.extract(np.asarray(image), np.asarray(ivar), gh2, wave, nspec=5,
                          options=jaxspec.ExtractOptions(bundlesize=5, nsubbundles=1, nwavestep=20))

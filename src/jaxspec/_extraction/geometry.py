@@ -1,7 +1,7 @@
 """Patch geometry: how a frame is cut into overlapping patches (host-side NumPy).
 
 A *patch* is a block of fibers (a subbundle plus one neighbour on each side inside
-its bundle) times a block of wavelengths (``wavesize`` core bins plus padding on
+its bundle) times a block of wavelengths (``nwavestep`` core bins plus padding on
 each side), with the CCD pixel box that covers them.  The rules reproduce the
 established code (specter ``ex2d``) so that jaxspec solves exactly the same
 sub-problems, at the CCD's edges too; only the centre of each patch is kept when
@@ -16,6 +16,7 @@ through one compiled, vmapped solve.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 
@@ -252,9 +253,11 @@ def patch_geometry(
     nspec: int = 25,
     bundlesize: int = 25,
     nsubbundles: int = 5,
-    wavesize: int = 50,
+    nwavestep: int = 50,
     wavepad_frac: float = 0.2,
     pixpad_frac: float = 0.8,
+    *,
+    wavesize: int | None = None,
 ) -> PatchGeometry:
     """Cut fibers ``specmin .. specmin+nspec-1`` x the grid ``wave`` into patches.
 
@@ -262,7 +265,7 @@ def patch_geometry(
     ``bundlesize`` fibers (the last one partial when ``nspec`` is not a multiple),
     each split into ``nsubbundles`` subbundles by :func:`split_bundle` (a partial
     bundle of ``m < nsubbundles`` fibers into ``m``), extracted with one neighbour
-    fiber each side inside the bundle; wavelength blocks of ``wavesize`` core bins;
+    fiber each side inside the bundle; wavelength blocks of ``nwavestep`` core bins;
     the pixel box of the core (:func:`xyranges`) padded in y by
     ``round(pixpad_frac * ny)`` rows each side, where ``ny`` is the height of the
     first fiber's spot at the block's first wavelength as it lands on the CCD;
@@ -276,9 +279,10 @@ def patch_geometry(
         nspec: number of fibers (any ``>= 1``).
         bundlesize: fibers per bundle.
         nsubbundles: subbundles per bundle, ``1 <= nsubbundles <= bundlesize``.
-        wavesize: core wavelength bins per patch.
+        nwavestep: core wavelength bins per patch (``--nwavestep``).
         wavepad_frac: extra wavelength padding, as a fraction of the stamp height.
         pixpad_frac: extra pixel rows, as a fraction of the stamp height.
+        wavesize: the previous release's name of ``nwavestep`` (DeprecationWarning).
 
     Returns:
         A :class:`PatchGeometry` (host NumPy arrays, one row per patch).
@@ -287,6 +291,9 @@ def patch_geometry(
         ValueError: a grid that is not linear and increasing, fibers or wavelengths
             outside the PSF, or sizes out of range.
     """
+    if wavesize is not None:
+        warnings.warn("patch_geometry(wavesize=) is deprecated: use nwavestep=", DeprecationWarning, stacklevel=2)
+        nwavestep = wavesize
     wave = np.asarray(wave, dtype=float)
     dw = _check_grid(wave)
     psf.check_fibers(specmin, nspec)
@@ -295,18 +302,18 @@ def patch_geometry(
         raise ValueError(f"bundlesize must be positive, got {bundlesize}")
     if not 1 <= nsubbundles <= bundlesize:
         raise ValueError(f"nsubbundles ({nsubbundles}) must be between 1 and bundlesize ({bundlesize})")
-    if wavesize < 1:
-        raise ValueError(f"wavesize must be positive, got {wavesize}")
+    if nwavestep < 1:
+        raise ValueError(f"nwavestep must be positive, got {nwavestep}")
     nwave = len(wave)
     ndiag = psf.ndiag(dw)
 
     # --- the patches, in the established order: bundle, subbundle, wave block
     sub = _subbundles(specmin, nspec, bundlesize, nsubbundles)
-    iwaves = np.arange(0, nwave, wavesize)
+    iwaves = np.arange(0, nwave, nwavestep)
     speclo, spechi, keeplo, keephi = np.repeat(sub, len(iwaves), axis=0).T
     iwave = np.tile(iwaves, len(sub))
     wlo = wave[iwave]
-    whi = wave[np.minimum(iwave + wavesize - 1, nwave - 1)]
+    whi = wave[np.minimum(iwave + nwavestep - 1, nwave - 1)]
 
     box = xyranges(psf, np.stack([speclo, spechi], 1), np.stack([wlo, whi], 1))
 
@@ -343,8 +350,8 @@ def patch_geometry(
     kept = fiber_valid & (fibers >= keeplo[:, None]) & (fibers < keephi[:, None])
     out_fiber = np.where(kept, fibers - specmin, -1)
 
-    # each output bin comes from exactly one patch: block j // wavesize
-    keep_n = np.minimum(wavesize, nwave - iwave)
+    # each output bin comes from exactly one patch: block j // nwavestep
+    keep_n = np.minimum(nwavestep, nwave - iwave)
 
     # spot corners of every fiber of some patch over the extended grid, for the bands
     sets, set_valid = _fiber_sets(fibers, fiber_valid)

@@ -40,7 +40,7 @@ import numpy as np
 from .._simulation.calib import LineList
 from ..psf._gausshermite import GaussHermitePSF
 from .ccd import STATUS_FAILED, STATUS_NOT_CONVERGED, STATUS_OK, BundleStatus, CCDFit
-from .params import apply_psf_params, shape_terms_of
+from .params import FiberIndices, apply_psf_params, shape_terms_of
 from .patch import CalibPatch, calib_patch
 
 log = logging.getLogger("jaxspec.fit")
@@ -336,7 +336,7 @@ def fit_bundle(
     flats: Sequence = (),
     *,
     lines: LineList | None = None,
-    fibers: Sequence[int],
+    fibers: FiberIndices,
     waverange: tuple[float, float] | None = None,
     rows_per_block: int = 128,
     trace_deg: int | None = None,

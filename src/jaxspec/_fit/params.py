@@ -9,12 +9,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Int
 
 from ..psf._gausshermite import GaussHermitePSF
 
-__all__ = ["ALL_WHAT", "DEFAULT_GH_TERMS", "DEFAULT_WHAT", "LIN_KEYS", "PSF_KEYS", "apply_psf_params", "fiber_legendre", "shape_terms_of"]
+__all__ = ["ALL_WHAT", "DEFAULT_GH_TERMS", "DEFAULT_WHAT", "FiberIndices", "LIN_KEYS", "PSF_KEYS", "apply_psf_params", "fiber_legendre", "shape_terms_of"]
+
+#: Fiber indices as a caller gives them: a sequence of ints or a 1-D integer array (NumPy or JAX).
+FiberIndices = Sequence[int] | Int[np.ndarray, " nfib"] | Int[jax.Array, " nfib"]
 
 #: GH terms corrected by default (GH-1-0, GH-0-1, GH-2-0, GH-0-2 are degenerate with shifts and widths)
 DEFAULT_GH_TERMS = ("GH-1-1", "GH-3-0", "GH-2-1", "GH-1-2", "GH-0-3")

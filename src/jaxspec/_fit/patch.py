@@ -19,6 +19,7 @@ from .params import (
     ALL_WHAT,
     DEFAULT_GH_TERMS,
     DEFAULT_WHAT,
+    FiberIndices,
     PSF_KEYS,
     _Layout,
     _psf_shapes,
@@ -517,7 +518,7 @@ def check_patch(
     flats: Sequence = (),
     *,
     lines: LineList | None = None,
-    fibers: Sequence[int] | None = None,
+    fibers: FiberIndices | None = None,
     specmin: int = 0,
     nspec: int | None = None,
     waverange: tuple[float, float] | None = None,
@@ -638,7 +639,7 @@ def calib_patch(
     flats: Sequence = (),
     *,
     lines: LineList | None = None,
-    fibers: Sequence[int] | None = None,
+    fibers: FiberIndices | None = None,
     specmin: int = 0,
     nspec: int | None = None,
     waverange: tuple[float, float] | None = None,
@@ -657,7 +658,7 @@ def calib_patch(
     legdeg_wave: int | None = None,
     allow_no_lines: bool = False,
     pad_to: dict | None = None,
-) -> CalibPatch:
+) -> tuple[CalibPatch, dict]:
     """Set up one fitting patch (see :func:`fit_psf` for the arguments).
 
     Shapes are rounded up (box to ``bucket`` pixels, line and flat-sample counts

@@ -15,7 +15,7 @@ import numpy as np
 
 from .._simulation.calib import LineList
 from ..psf._gausshermite import GaussHermitePSF
-from .params import DEFAULT_GH_TERMS, DEFAULT_WHAT, LIN_KEYS, PSF_KEYS
+from .params import DEFAULT_GH_TERMS, DEFAULT_WHAT, LIN_KEYS, PSF_KEYS, FiberIndices
 from .patch import CalibPatch, _chi2, _model, _normal_equations, calib_patch
 from .result import FitResult
 
@@ -113,7 +113,7 @@ def fit_psf(
     flats: Sequence = (),
     *,
     lines: LineList | None = None,
-    fibers: Sequence[int] | None = None,
+    fibers: FiberIndices | None = None,
     specmin: int = 0,
     nspec: int | None = None,
     waverange: tuple[float, float] | None = None,

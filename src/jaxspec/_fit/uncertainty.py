@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -22,8 +24,9 @@ def flux_jacobian(
     *,
     xyrange: tuple[int, int, int, int] | None = None,
     nsubbundles: int = 1,
-    wavesize: int = 50,
+    nwavestep: int = 50,
     batch: int = 8,
+    wavesize: int | None = None,
     **extract_kwargs,
 ):
     """Extract the fitted fibers with the fitted PSF, and d flux / d PSF parameters.
@@ -31,6 +34,9 @@ def flux_jacobian(
     The extraction geometry is fixed (from ``fit.psf``; all fitted fibers form
     one bundle); the decorrelated flux is differentiated through the patch
     solves by forward mode, ``batch`` parameters at a time (``jax.linearize``).
+
+    ``nsubbundles``, ``nwavestep``: the extraction's patch sizes (``wavesize``, the previous
+    release's name of ``nwavestep``, still accepted with a DeprecationWarning).
 
     ``fit`` is a patch fit (:class:`FitResult`) or a full-model bundle fit
     (:class:`BundleFit`: columns ``dx``, ``dy``, ``pc`` in the order of ``fit.cov``).
@@ -43,9 +49,12 @@ def flux_jacobian(
     from .._extraction.extract import _as_array, extract_patches
     from .._extraction.geometry import patch_geometry
 
+    if wavesize is not None:
+        warnings.warn("flux_jacobian(wavesize=) is deprecated: use nwavestep=", DeprecationWarning, stacklevel=2)
+        nwavestep = wavesize
     fibers = fit.fibers
     nf = len(fibers)
-    geom = patch_geometry(fit.psf, np.asarray(wave), int(fibers[0]), nf, nf, nsubbundles, wavesize,
+    geom = patch_geometry(fit.psf, np.asarray(wave), int(fibers[0]), nf, nf, nsubbundles, nwavestep,
                           **{k: extract_kwargs.pop(k) for k in ("wavepad_frac", "pixpad_frac") if k in extract_kwargs})
     image = _as_array(image)
     ivar = _as_array(ivar)

@@ -38,8 +38,9 @@ import os
 import platform
 import re
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from astropy.io import fits
@@ -827,7 +828,8 @@ def frame_scores(wave, flux, ivar, suffix: str = "RAW", band: str | None = None
     bins ``dw = gradient(wave)``: ``SUM_<suffix>_COUNT_<ARM>`` (sum of the flux
     values), ``MEDIAN_<suffix>_COUNT_<ARM>`` (median of flux / dw) and
     ``MEDIAN_<suffix>_SNR_<ARM>`` (median of flux sqrt(ivar / dw)), as desispec
-    scores a frame "per bin" (its extraction's call).
+    scores a frame "per bin" (its extraction's call).  Non-finite flux or ivar
+    counts as 0, as :func:`write_frame` writes it.
 
     Args:
         wave: (nwave,) [A].
@@ -842,6 +844,8 @@ def frame_scores(wave, flux, ivar, suffix: str = "RAW", band: str | None = None
     wave = np.asarray(wave, dtype=np.float64)
     flux = np.asarray(flux, dtype=np.float64)
     ivar = np.clip(np.asarray(ivar, dtype=np.float64), 0.0, None)
+    bad = ~(np.isfinite(flux) & np.isfinite(ivar))  # scored as written: write_frame zeroes them
+    flux, ivar = np.where(bad, 0.0, flux), np.where(bad, 0.0, ivar)
     if band is None:
         mean = float(np.mean(wave))
         band = "b" if mean <= SCORE_RANGES["b"][1] else ("z" if mean >= SCORE_RANGES["z"][0] else "r")
