@@ -15,8 +15,13 @@ traces by ``--shift * (i + 1)`` pixels), then extracts them as a night does:
 * ``serial`` (``--modes night,serial``): the same in turn, nothing overlapped;
 * ``command`` (``--command``): ``jaxspec extract-batch`` in a fresh process with the
   persistent compilation cache that the ``first`` run filled: the process's wall time;
-* ``--cold K``: ``jaxspec extract`` of frame 0 in fresh processes, cache off once, then
-  K times with the warm cache (the last with JAX's compile log summed);
+* ``--cold K``: ``jaxspec extract`` of frame 0 in fresh processes, as a pipeline runs it
+  (500 fibers, the PSF's default range): cache off once, once more to fill a cache of
+  its own, then K times with that warm cache (the last with JAX's compile log summed);
+  each process's wall time, and their median against the 6 s target.  It runs first,
+  before this process touches the accelerator (the files are made in a child
+  process), so that nothing else holds the device's memory while they run;
+  ``--cold-only`` stops there;
 * ``--io``: reading a preproc file with ``read_preproc``, astropy, astropy memory-mapped
   and fitsio (where installed);
 * the **floor of each stage**, each timed alone (minimum over frames 0 .. ``--repeat`` - 1,
@@ -30,6 +35,7 @@ Examples::
 
     python benchmarks/night_throughput.py                         # one GPU: 10 frames
     python benchmarks/night_throughput.py --frames 4 --nspec 50 --wavelength 5760,5799.2,0.8   # CPU smoke test
+    python benchmarks/night_throughput.py --frames 1 --cold 3 --cold-only   # cold-process jaxspec extract only
 """
 
 from __future__ import annotations
@@ -194,38 +200,76 @@ def run_command(jobs, wspec, nspec, cache: Path, tag: str) -> dict:
                 frames_per_hour=3600.0 * s["done"] / wall)
 
 
-def run_cold(job0, cache: Path, repeat: int, work: Path, wspec: str | None, nspec: int | None) -> list[dict]:
-    """``jaxspec extract`` of frame 0 in fresh processes: compilation cache off, then ``cache`` (warm) ``repeat`` times.
+#: the acceptance of issue 17: one frame through ``jaxspec extract`` from a cold process (warm cache)
+COLD_TARGET_S = 6.0
 
-    The last warm run logs JAX's compilations (``JAX_LOG_COMPILES``); the seconds spent
-    tracing, lowering and compiling are summed per kind.
-    """
+
+def _compile_log(stderr: str) -> dict:
+    """Seconds per kind (tracing, lowering, compiling or loading) summed from JAX_LOG_COMPILES's lines."""
     import re
 
+    kinds: dict[str, float] = {}
+    for m in re.finditer(r"Finished (tracing(?: \+ transforming)?|jaxpr to MLIR module conversion|"
+                         r"XLA compilation) .*? in ([0-9.e+-]+) sec", stderr):
+        kind = m.group(1).replace(" + transforming", "")
+        kinds[kind] = round(kinds.get(kind, 0.0) + float(m.group(2)), 4)
+    return kinds
+
+
+def run_cold(job0, cache: Path, repeat: int, work: Path, wspec: str | None, nspec: int | None) -> list[dict]:
+    """``jaxspec extract`` of frame 0 in fresh processes: cache off once, then ``cache``, once to fill it and
+    ``repeat`` times warm.
+
+    Each process is timed from its start to its exit (``subprocess.run``).  The last
+    warm run logs JAX's compilations (``JAX_LOG_COMPILES``); the seconds spent
+    tracing, lowering and compiling (or loading from the cache) are summed per kind.
+    """
     out = []
-    for tag, c, n in (("cache off", "off", 1), ("warm cache", str(cache), repeat)):
-        for k in range(n):
-            cmd = [sys.executable, "-m", "jaxspec._cli.main", "extract", "-i", job0.image, "-p", job0.psf,
-                   "-o", str(work / "COLD" / f"frame-{k}.fits"), "--overwrite", "--quiet", "--compilation-cache", c]
-            cmd += (["-w", wspec] if wspec is not None else []) + (["-n", str(nspec)] if nspec is not None else [])
-            os.makedirs(work / "COLD", exist_ok=True)
-            env = dict(os.environ, JAX_LOG_COMPILES="1") if (c != "off" and k == n - 1) else None
-            t0 = time.perf_counter()
-            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            wall = time.perf_counter() - t0
-            if res.returncode != 0:
-                raise SystemExit(f"extract ({tag}) failed ({res.returncode}):\n{res.stderr[-3000:]}")
-            row = dict(mode=f"extract, {tag}", run=k, wall_s=wall)
-            if env is not None:
-                kinds: dict[str, float] = {}
-                for m in re.finditer(r"Finished (tracing \+ transforming|jaxpr to MLIR module conversion|"
-                                     r"XLA compilation) .*? in ([0-9.e+-]+) sec", res.stderr):
-                    kinds[m.group(1)] = kinds.get(m.group(1), 0.0) + float(m.group(2))
-                row["compile_log_s"] = kinds
-            out.append(row)
-            print(f"{row['mode']} (run {k}): {wall:.2f} s wall" +
-                  (f"; {json.dumps(row['compile_log_s'])}" if "compile_log_s" in row else ""), flush=True)
+    os.makedirs(work / "COLD", exist_ok=True)
+    plan = [("cache off", "off", 0)] + [("fills the cache", str(cache), 0)] + \
+        [("warm cache", str(cache), k) for k in range(repeat)]
+    for tag, c, k in plan:
+        cmd = [sys.executable, "-m", "jaxspec._cli.main", "extract", "-i", job0.image, "-p", job0.psf,
+               "-o", str(work / "COLD" / f"frame-{k}.fits"), "--overwrite", "--quiet", "--compilation-cache", c]
+        cmd += (["-w", wspec] if wspec is not None else []) + (["-n", str(nspec)] if nspec is not None else [])
+        logged = tag == "warm cache" and k == repeat - 1
+        env = dict(os.environ, JAX_LOG_COMPILES="1") if logged else None
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - t0
+        if res.returncode != 0:
+            raise SystemExit(f"extract ({tag}) failed ({res.returncode}):\n{res.stderr[-3000:]}")
+        row = dict(mode=f"extract, {tag}", run=k, wall_s=wall)
+        if logged:
+            row["compile_log_s"] = _compile_log(res.stderr)
+        out.append(row)
+        print(f"cold process, {tag} (run {k}): {wall:.2f} s wall" +
+              (f"; JAX_LOG_COMPILES: {json.dumps(row['compile_log_s'])}" if "compile_log_s" in row else ""),
+              flush=True)
+    warm = [r["wall_s"] for r in out if r["mode"] == "extract, warm cache"]
+    if warm:
+        med = sorted(warm)[len(warm) // 2]
+        print(f"cold-process `jaxspec extract`, warm cache: {', '.join(f'{w:.2f}' for w in warm)} s "
+              f"(median {med:.2f} s, min {min(warm):.2f} s; target {COLD_TARGET_S:.0f} s: "
+              f"{'met' if med <= COLD_TARGET_S else 'NOT met'}); PYTHONDONTWRITEBYTECODE="
+              f"{os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r}", flush=True)
     return out
+
+
+def _make_in_child(work: Path, args) -> list:
+    """make_night in a child process (this one then has not started the accelerator); the jobs it wrote."""
+    from jaxspec._pipeline.job import FrameJob
+
+    listing = work / "jobs.json"
+    cmd = [sys.executable, str(_HERE), "--make-only", str(listing), "--workdir", str(work),
+           "--frames", str(args.frames), "--psf", args.psf, "--shift", str(args.shift)]
+    cmd += (["--nspec", str(args.nspec)] if args.nspec is not None else [])
+    cmd += (["--wavelength", args.wavelength] if args.wavelength is not None else [])
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"making the night's files failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    print(res.stdout.strip())
+    return [FrameJob(**j) for j in json.loads(listing.read_text())]
 
 
 def io_choices(path: str, repeat: int) -> dict:
@@ -277,6 +321,8 @@ def main() -> None:
     ap.add_argument("--command", action="store_true", help="also run jaxspec extract-batch in a fresh process")
     ap.add_argument("--cold", type=int, default=0, metavar="K",
                     help="also time `jaxspec extract` of frame 0 in fresh processes: cache off, then K warm runs")
+    ap.add_argument("--cold-only", action="store_true", help="with --cold: only the cold-process runs")
+    ap.add_argument("--make-only", default=None, metavar="JSON", help=argparse.SUPPRESS)  # the child of --cold
     ap.add_argument("--io", action="store_true", help="also time the ways of reading a preproc file")
     ap.add_argument("--workdir", default=None, help="where the files go (default: a temporary folder)")
     ap.add_argument("--cache", default=None, help="persistent compilation cache (default: WORKDIR/jax-cache)")
@@ -298,14 +344,28 @@ def main() -> None:
 
     import jaxspec
 
+    if args.make_only:
+        jobs = make_night(work, args.psf, args.frames, args.shift, args.nspec, args.wavelength)
+        Path(args.make_only).write_text(json.dumps([vars(j) for j in jobs]))
+        return
+    report = dict(jax=jax.__version__, date=time.strftime("%Y-%m-%d"), frames=args.frames, shift=args.shift,
+                  argv=sys.argv[1:], rows=[])
+    if args.cold:  # first, before this process starts the accelerator
+        print(f"cold-process runs, jax {jax.__version__}, {time.strftime('%Y-%m-%d %H:%M %Z')}", flush=True)
+        jobs = _make_in_child(work, args)
+        report["cold"] = run_cold(jobs[0], work / "cold-cache", args.cold, work, args.wavelength, args.nspec)
+        if args.cold_only:
+            if args.json:
+                Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+            return
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
-    jobs = make_night(work, args.psf, args.frames, args.shift, args.nspec, args.wavelength)
+    if not args.cold:
+        jobs = make_night(work, args.psf, args.frames, args.shift, args.nspec, args.wavelength)
     night, first_job = jobs[:-1], jobs[-1:]
     wspec = None if args.wavelength is None else tuple(float(v) for v in args.wavelength.split(","))
     opts = jaxspec.FrameOptions(wavelength=wspec, nspec=args.nspec)
-    report = dict(device=str(dev.device_kind), jax=jax.__version__, date=time.strftime("%Y-%m-%d"),
-                  frames=args.frames, shift=args.shift, argv=sys.argv[1:], rows=[])
+    report["device"] = str(dev.device_kind)
 
     t0 = time.perf_counter()
     first = run_mode(first_job, opts, "FIRST", True, args.readers, args.writers)
@@ -321,8 +381,6 @@ def main() -> None:
     if args.command:
         rows.append(run_command(night, args.wavelength, args.nspec, cache, "command"))
     report["rows"] = rows
-    if args.cold:
-        report["cold"] = run_cold(night[0], cache, args.cold, work, args.wavelength, args.nspec)
     if args.io:
         report["io"] = io_choices(night[0].image, max(args.repeat, 1))
     floors = stage_floors(night, opts, args.repeat, work) if args.repeat > 0 else {}

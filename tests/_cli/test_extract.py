@@ -645,3 +645,64 @@ def test_every_desi_extract_spectra_option(tmp_path, capsys):
             assert obj == (str(fmap) if v == "FMAP" else v), (opt, k, obj)
     args = _cli.build_parser().parse_args(base + ["--strict-mask"])
     assert _cli_common.frame_options(args).mask_rule == "any"
+
+
+# --------------------------------------------------------------------------- a cold process
+def test_backend_start_errors_are_raised_in_the_main_thread(monkeypatch):
+    """JAX's backend starts in a thread (BackendStart); its errors come out of wait(), as before."""
+    import jax
+
+    def fail(*a, **k):
+        raise RuntimeError("the device could not start")
+
+    monkeypatch.setattr(jax, "device_put", fail)
+    start = _cli_common.BackendStart(None)
+    with pytest.raises(RuntimeError, match="the device could not start"):
+        start.wait()
+    monkeypatch.setattr(jax, "devices", fail)
+    start = _cli_common.BackendStart("gpu")
+    with pytest.raises(_cli_common.UsageError, match="--device gpu: no GPU is available to JAX .*--device cpu"):
+        start.wait()
+
+
+@pytest.mark.slow
+def test_fresh_processes_export_then_read_the_kernel(tmp_path):
+    """`jaxspec extract` in fresh processes with a compilation cache: the first exports the kernel into it,
+    the next reads it (no tracing); their frames are the cache-off frame bit for bit; the backend started
+    in its thread and astropy was first imported after the checks."""
+    pytest.importorskip("flatbuffers")
+    import _frames
+
+    (img, psf, _), = _frames.make_frames(tmp_path / "in", 1, seed=4)
+    cache = tmp_path / "cache"
+    probe = ("import sys, runpy; from jaxspec._cli import extract as e; "
+             "orig = e.check\n"
+             "def check(args):\n"
+             "    orig(args); print('astropy before the checks ended:', 'astropy' in sys.modules, file=sys.stderr)\n"
+             "e.check = check\n"
+             "from jaxspec._cli.main import main; sys.exit(main(sys.argv[1:]))\n")
+
+    def extract(name, cache_arg):
+        out = tmp_path / name
+        res = subprocess.run([sys.executable, "-c", probe, "extract", "-i", img, "-p", psf, "-o", str(out),
+                              *_frames.CLI_OPTIONS, "--quiet", "--loglevel", "DEBUG", "--compilation-cache",
+                              str(cache_arg)], capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "astropy before the checks ended: False" in res.stderr
+        assert "JAX's backend started in" in res.stderr
+        return out, res.stderr
+
+    off, log_off = extract("off.fits", "off")
+    assert "extraction kernel" not in log_off  # no cache folder: the kernel traced, nothing exported
+    first, log1 = extract("first.fits", cache)
+    assert "extraction kernel: exported" in log1
+    assert len(list((cache / "jaxspec-export").glob("*.jaxexport"))) == 1
+    second, log2 = extract("second.fits", cache)
+    assert "extraction kernel: the exported program" in log2 and "extraction kernel: exported" not in log2
+    ref = _frames.frame_arrays(off)
+    for path in (first, second):
+        got = _frames.frame_arrays(path)
+        assert got.keys() == ref.keys()
+        for k in ref:
+            if k != "header":
+                np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{path.name} {k}")

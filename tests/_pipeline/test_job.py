@@ -9,9 +9,12 @@ the frame is read back with jaxspec and with desispec's own reader
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import importlib.util
 import os
 
+import jax
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -215,3 +218,92 @@ def test_tile_compressed_gzipped_preproc(tiny):
         if k != "header":
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert b["header"]["IN_IMG"].endswith("preproc-r0-compressed.fits.gz")
+
+
+# --------------------------------------------------------------------------- the exported kernel
+def _computed(prep, solve_chunk=None):
+    return job.compute(prep, solve_chunk=solve_chunk)
+
+
+def _assert_same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)  # bit for bit (NaN where NaN)
+
+
+def test_exported_kernel_is_the_traced_kernel_bit_for_bit(tmp_path, monkeypatch):
+    """ExportedSolve exports once per key into the cache folder, later reads it; the frame's arrays are
+    the traced kernel's bit for bit; damaged files, a changed source and failures fall back."""
+    pytest.importorskip("flatbuffers")  # jax.export's serialisation
+    from jaxspec._pipeline import exported
+
+    (img, psf_path, out), = _frames.make_frames(tmp_path / "in", 1, seed=3)
+    opts = jaxspec.FrameOptions(wavelength=_frames.WAVELENGTH, extraction=jaxspec.ExtractOptions(nwavestep=20,
+                                                                                                  chunk_size=8))
+    prep = job.prepare(job.FrameJob(img, psf_path, out), opts)
+    ref = _computed(prep)
+    cache = tmp_path / "cache"
+
+    first = exported.ExportedSolve(cache)
+    _assert_same(ref, _computed(prep, first))
+    files = sorted((cache / exported.FOLDER).glob("*.jaxexport"))
+    assert (first.exported, first.loaded, first.traced) == (1, 0, 0) and len(files) == 1  # one key, every chunk
+
+    again = exported.ExportedSolve(cache)  # what the next process does: the file, no tracing
+    _assert_same(ref, _computed(prep, again))
+    assert (again.exported, again.loaded) == (0, 1)
+
+    files[0].write_bytes(b"not an exported module")  # damaged: exported again, the file replaced
+    damaged = exported.ExportedSolve(cache)
+    _assert_same(ref, _computed(prep, damaged))
+    assert (damaged.exported, damaged.loaded) == (1, 0)
+    assert exported.ExportedSolve(cache)._read(files[0].stem, jax.tree_util.tree_leaves(
+        (prep.psf, np.zeros(1)))) is None  # other arguments: not this file's
+
+    # another source of jaxspec (a changed kernel): another key, another file
+    monkeypatch.setattr(exported, "_source_hash", lambda: "a changed kernel")
+    changed = exported.ExportedSolve(cache)
+    _assert_same(ref, _computed(prep, changed))
+    assert changed.exported == 1 and len(list((cache / exported.FOLDER).glob("*.jaxexport"))) == 2
+
+    # the serialisation fails (e.g. a read-only folder): nothing kept, the same arrays
+    monkeypatch.setattr(jax.export.Exported, "serialize", lambda self: (_ for _ in ()).throw(ImportError("x")))
+    monkeypatch.setattr(exported, "_source_hash", lambda: "yet another")
+    unkept = exported.ExportedSolve(cache)
+    _assert_same(ref, _computed(prep, unkept))
+    assert unkept.exported == 1 and len(list((cache / exported.FOLDER).glob("*.jaxexport"))) == 2
+
+    # exporting fails (e.g. a custom call JAX will not export): the kernel runs traced
+    monkeypatch.setattr(jax.export, "export", lambda *a, **k: (_ for _ in ()).throw(ValueError("no")))
+    traced = exported.ExportedSolve(None)
+    _assert_same(ref, _computed(prep, traced))
+    assert (traced.exported, traced.loaded, traced.traced) == (0, 0, 1)
+
+    # no flatbuffers (jax.export could not keep it): traced, nothing read or written
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flatbuffers"
+                        else real_find_spec(name, *a))
+    plain = exported.ExportedSolve(cache)
+    _assert_same(ref, _computed(prep, plain))
+    assert (plain.exported, plain.loaded, plain.traced) == (0, 0, 1)
+
+
+def test_export_key_follows_shapes_structure_and_options():
+    from jaxspec._extraction.patch import _Static
+    from jaxspec._pipeline.exported import export_key
+
+    psf = _frames.tiny_psf()
+    static = _Static(nfiber=7, nbin=24, box=(80, 48), band=5, fiber_band=2, ndiag=5, decorrelate="signal")
+    args = (psf, np.zeros((40, 40)), np.zeros((40, 40)), {"wave": np.zeros((8, 24))}, 0.0, 1e-4, 0.01)
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    key = export_key(tree, leaves, static)
+    assert key == export_key(tree, leaves, static) and len(key) == 64
+    other_shape = jax.tree_util.tree_flatten(args[:3] + ({"wave": np.zeros((16, 24))},) + args[4:])
+    assert export_key(other_shape[1], other_shape[0], static) != key
+    assert export_key(tree, leaves, dataclasses.replace(static, nbin=28)) != key
+    fewer = jaxspec.desi_like_psf(nspec=25, bundlesize=25, wmin=5640.0, wmax=5720.0)  # nspec is static
+    other_psf = jax.tree_util.tree_flatten((fewer,) + args[1:])
+    assert export_key(other_psf[1], other_psf[0], static) != key
+    with jax.numpy_dtype_promotion("standard"):
+        assert export_key(tree, leaves, static) != key

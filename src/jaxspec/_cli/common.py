@@ -10,6 +10,8 @@ import argparse
 import logging
 import os
 import sys
+import threading
+import time
 import warnings
 
 from .._extraction.options import DECORRELATE_MODES, ExtractOptions, OptionError, wave_grid_size
@@ -43,7 +45,11 @@ def setup_logging(args: argparse.Namespace) -> None:
 def setup_jax(args: argparse.Namespace) -> None:
     """Device, float64 and the persistent compilation cache: the CLI (never the library) sets JAX's config.
 
-    Called once the inputs have been checked, right before the work starts.
+    Called once the inputs have been checked, right before the work starts.  A
+    subcommand that sets ``args.jax_in_background`` (``extract``) gets the backend's
+    start (the devices, the first transfer: ~0.8 s on a GPU) in a thread,
+    :class:`BackendStart` in ``args.jax_start``; it imports what it needs meanwhile
+    and calls :func:`wait_jax` before its first use of JAX.
     """
     from .._config import config
 
@@ -51,6 +57,8 @@ def setup_jax(args: argparse.Namespace) -> None:
     pre = getattr(args, "before_jax", None)
     if pre is not None:  # e.g. extract-batch binds each MPI rank to its GPUs before JAX starts
         pre(args)
+    for name, value in getattr(args, "jax_environ", {}).items():  # the subcommand's; the user's own win
+        os.environ.setdefault(name, value)
     import jax
 
     if device == "cpu":
@@ -63,6 +71,7 @@ def setup_jax(args: argparse.Namespace) -> None:
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     cache = getattr(args, "compilation_cache", None)
     cache = config().compilation_cache if cache is None else (None if cache.lower() == "off" else cache)
+    args.compilation_cache_dir = cache  # the folder in use, or None (e.g. for the exported kernel)
     if cache is not None:
         try:
             os.makedirs(cache, exist_ok=True)
@@ -74,15 +83,87 @@ def setup_jax(args: argparse.Namespace) -> None:
         # them (traces, canvas, stitching), seconds in all (docs/performance.md)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if getattr(args, "jax_in_background", False) and device != "cpu":
+        args.jax_start = BackendStart(device)
+        return
     if device == "gpu":
+        _use_gpu(_gpus())
+
+
+def _gpus():
+    """JAX's GPUs, or the UsageError of ``--device gpu`` without any (returned, not raised)."""
+    import jax
+
+    try:
+        return jax.devices("gpu")
+    except Exception as err:  # RuntimeError, or an assertion inside JAX without any GPU plugin
+        return UsageError(
+            f"--device gpu: no GPU is available to JAX ({type(err).__name__}: {err}); "
+            "install jax[cuda12] or use --device cpu"
+        )
+
+
+def _use_gpu(gpus) -> None:
+    import jax
+
+    if isinstance(gpus, UsageError):
+        raise gpus
+    jax.config.update("jax_default_device", gpus[0])
+
+
+class BackendStart:
+    """JAX's backend started in a thread: the devices (``--device gpu``: the GPUs) and a first transfer.
+
+    Creating the backend's client (the CUDA context, the memory pool) releases the GIL,
+    so the main thread's imports (astropy, the PSF readers, the extraction: GIL-bound
+    Python) run meanwhile.  JAX's configuration is complete before the thread starts,
+    and the main thread uses no JAX before :meth:`wait`, so nothing depends on which
+    thread gets there first.
+    """
+
+    def __init__(self, device: str | None):
+        self.device = device
+        self.gpus = None
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        # not a daemon: an interpreter that exits early waits for the backend's start
+        # instead of tearing it down half made
+        self._thread = threading.Thread(target=self._run, name="jaxspec-backend-start")
+        self._thread.start()
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
         try:
-            gpus = jax.devices("gpu")
-        except Exception as err:  # RuntimeError, or an assertion inside JAX without any GPU plugin
-            raise UsageError(
-                f"--device gpu: no GPU is available to JAX ({type(err).__name__}: {err}); "
-                "install jax[cuda12] or use --device cpu"
-            ) from None
-        jax.config.update("jax_default_device", gpus[0])
+            import jax
+            import numpy as np
+
+            if self.device == "gpu":
+                self.gpus = _gpus()
+                if isinstance(self.gpus, UsageError):
+                    return
+            # the process's first transfer (on a GPU: the device's start, ~0.7 s)
+            jax.block_until_ready(jax.device_put(np.zeros(1)))
+        except BaseException as err:  # re-raised by wait(), in the main thread
+            self.error = err
+        finally:
+            self.seconds = time.perf_counter() - t0
+
+    def wait(self) -> None:
+        """Join the start; raise its error (``--device gpu`` without a GPU: the UsageError)."""
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        if self.device == "gpu":
+            _use_gpu(self.gpus)
+        log.debug("JAX's backend started in %.2f s (in a thread)", self.seconds)
+
+
+def wait_jax(args: argparse.Namespace) -> None:
+    """Wait for :class:`BackendStart` when :func:`setup_jax` started one (else nothing)."""
+    start = getattr(args, "jax_start", None)
+    if start is not None:
+        args.jax_start = None
+        start.wait()
 
 
 class LogWarnings(warnings.catch_warnings):
@@ -90,7 +171,7 @@ class LogWarnings(warnings.catch_warnings):
 
     def __enter__(self):
         out = super().__enter__()
-        from .._io.frames import FrameIOWarning
+        from .._io.iowarning import FrameIOWarning  # not frames: astropy is imported later, while JAX starts
 
         warnings.simplefilter("always", FrameIOWarning)
 

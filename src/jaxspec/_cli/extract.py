@@ -5,6 +5,15 @@ that ``extract-batch`` runs for each of its frames.  Under ``mpirun``/``srun`` (
 with ``--mpi``) the frame's bundles are split over the ranks and rank 0 writes the
 one frame (:func:`jaxspec._pipeline.ranks.run_frame_ranks`).  The options are
 desi_extract_spectra's, with its names and defaults (docs/cli.md has the table).
+
+A fresh process starts quickly (docs/performance.md, "Compilation: once per machine"):
+once the options and paths are checked, JAX's backend starts in a thread
+(:class:`~jaxspec._cli.common.BackendStart`) while the job's modules are imported and
+the preproc file is read ahead (:class:`~jaxspec._pipeline.job.ReadAhead`; the PSF and
+the options are still checked first); the device's memory is taken as needed
+(``XLA_PYTHON_CLIENT_PREALLOCATE=false`` unless set), and the kernel comes from its
+export in the compilation cache's folder (:mod:`jaxspec._pipeline.exported`), so
+nothing is traced that the cache holds compiled.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import logging
 import os
 import time
 
-from .common import Progress, UsageError, add_common, add_extraction_options, frame_options
+from .common import Progress, UsageError, add_common, add_extraction_options, frame_options, wait_jax
 
 log = logging.getLogger("jaxspec")
 
@@ -33,6 +42,23 @@ def check(args: argparse.Namespace) -> None:
         raise UsageError(f"--mpi {args.mpi}: {err}") from None
     if not args._world.serial:
         args.before_jax = _bind_gpus
+    else:  # JAX's backend starts in a thread while cmd_extract imports the job's modules and reads
+        args.jax_in_background = True
+        # one frame needs ~10 GB of the device, not the 75% JAX takes by default: reserving
+        # (and at exit releasing) that pool is seconds of a cold process on a GPU
+        args.jax_environ = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+
+
+def _import_the_job() -> None:
+    """The modules a frame job runs (astropy, the PSF readers, the extraction), imported up front.
+
+    Plain Python work (0.7-2 s in a fresh process): :func:`cmd_extract` does it while
+    JAX's backend starts in its thread (:class:`~jaxspec._cli.common.BackendStart`),
+    instead of after it, inside the first read.
+    """
+    from .._extraction import extract  # noqa: F401
+    from .._io import frames  # noqa: F401
+    from ..psf import _io  # noqa: F401
 
 
 def _bind_gpus(args: argparse.Namespace) -> None:
@@ -43,14 +69,29 @@ def _bind_gpus(args: argparse.Namespace) -> None:
         bind_gpus(args._world)
 
 
+def _kernel(args: argparse.Namespace):
+    """The kernel exported into the compilation cache's folder (:mod:`jaxspec._pipeline.exported`), or None."""
+    folder = getattr(args, "compilation_cache_dir", None)
+    if folder is None:
+        return None
+    from .._pipeline.exported import ExportedSolve
+
+    return ExportedSolve(folder)
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     """Run ``jaxspec extract``."""
     from .._extraction.options import OptionError
-    from .._pipeline.job import run_frame
+    from .._pipeline.job import ReadAhead, run_frame
 
     t0 = time.perf_counter()
     w = getattr(args, "_world", None)
     ranks = w is not None and not w.serial
+    _import_the_job()
+    # the preproc file (NumPy, astropy) read while the backend starts; prepare() still
+    # checks the PSF and the options first and gives the read's errors and warnings after
+    ahead = None if ranks else ReadAhead(args._job.image, args._options.mask_rule)
+    wait_jax(args)
     bar = Progress(os.path.basename(str(args.input)), args.quiet or (ranks and not w.root))
     try:
         if ranks:
@@ -58,7 +99,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
             info = run_frame_ranks(args._job, args._options, w, overwrite=args.overwrite, progress=bar)
         else:
-            info = run_frame(args._job, args._options, overwrite=args.overwrite, progress=bar)
+            info = run_frame(args._job, args._options, overwrite=args.overwrite, progress=bar,
+                             solve_chunk=_kernel(args), read_preproc=ahead)
     except OptionError as err:
         raise UsageError(err.flag()) from None
     except RuntimeError as err:  # another rank failed: its message, one line, on this rank too

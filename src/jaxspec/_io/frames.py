@@ -49,6 +49,7 @@ from astropy.units import UnitsWarning
 
 from . import maskbits
 from .atomic import atomic_write, check_output_path
+from .iowarning import FrameIOWarning
 
 __all__ = [
     "FrameIOWarning",
@@ -122,10 +123,6 @@ _STRUCTURAL_RE = re.compile(r"^(NAXIS\d*|ZNAXIS\d*|ZTILE\d+|ZNAME\d+|ZVAL\d+|"
                             r"TSCAL\d+|TZERO\d+|TDISP\d+)$")
 _TRUTH_KEYS = {"wave", "flux", "specmin"}
 _FIBERS_PER_SPECTROGRAPH = 500  # desispec hard-codes this in Frame
-
-
-class FrameIOWarning(UserWarning):
-    """Data were altered on read or write (non-finite or negative ivar masked)."""
 
 
 # --------------------------------------------------------------------------

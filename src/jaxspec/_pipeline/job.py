@@ -23,6 +23,12 @@ the same steps with one frame's bundles over MPI ranks.
 :func:`run_frame` runs all four in turn.  Errors are :class:`ValueError` /
 :class:`OSError` whose messages name the file and the option (``labels`` gives the
 names: the command line's flags by default).
+
+The file layer (:mod:`jaxspec._io.frames`, astropy: 0.4-1.7 s to import) is imported by
+the steps that read and write, not with this module: :func:`check_paths` and the
+options need neither astropy nor JAX, so ``jaxspec extract`` checks them, starts JAX's
+backend in a thread and imports astropy while the backend starts
+(:mod:`jaxspec._cli.extract`).
 """
 
 from __future__ import annotations
@@ -33,16 +39,19 @@ import logging
 import os
 import time
 import typing
+import warnings
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .._extraction.options import ExtractOptions, OptionError, check_fibers, wave_grid_size
-from .._io import frames, maskbits
+from .._io import maskbits
+from .._io.atomic import check_output_path
 
 log = logging.getLogger("jaxspec")
 
-__all__ = ["CAMERA_GRIDS", "FrameJob", "FrameOptions", "Prepared", "PsfCache", "check_paths", "compute",
+__all__ = ["CAMERA_GRIDS", "FrameJob", "FrameOptions", "Prepared", "PsfCache", "ReadAhead", "check_paths", "compute",
            "default_grid", "fetch_arrays", "prepare", "run_frame", "wave_grid", "write"]
 
 #: The grid desi_proc passes to the extraction of each arm: (wmin, wmax, dw) [A], end point included.
@@ -167,6 +176,46 @@ class PsfCache:
         return psf
 
 
+class ReadAhead:
+    """A preproc file read ahead (the CLI: while JAX's backend starts), handed to :func:`prepare` at its turn.
+
+    ``ReadAhead(path, mask_rule)`` reads the file now (NumPy and astropy only) and keeps
+    the result, or the exception, and the warnings the read gave.  :func:`prepare`
+    still checks the PSF and the options first; then, called as ``read(path,
+    mask_rule)`` in place of :func:`jaxspec._io.frames.read_preproc`, it gives the
+    warnings and the result or the error as if the file were read there (so an
+    option's error still comes first and names no input).  Another path or mask rule,
+    or a second call, reads the file afresh.
+    """
+
+    def __init__(self, path: str, mask_rule: str = "desispec"):
+        from .._io import frames
+
+        self.path, self.mask_rule = os.fspath(path), mask_rule
+        self._result = self._error = None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # all kept; the real filters apply when they are given back
+            try:
+                self._result = frames.read_preproc(self.path, mask_rule=mask_rule)
+            except Exception as err:  # given back by __call__, at prepare's turn
+                self._error = err
+        self._caught = list(caught)
+        self._used = False
+
+    def __call__(self, path: str, mask_rule: str = "desispec"):
+        from .._io import frames
+
+        if self._used or os.fspath(path) != self.path or mask_rule != self.mask_rule:
+            return frames.read_preproc(path, mask_rule=mask_rule)
+        self._used = True
+        for w in self._caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+        result, error, self._result, self._error = self._result, self._error, None, None
+        if error is not None:
+            raise error
+        return result
+
+
 def _same_file(a, b) -> bool:
     a, b = os.path.abspath(os.fspath(a)), os.path.abspath(os.fspath(b))
     if a == b:
@@ -200,9 +249,9 @@ def check_paths(job: FrameJob, overwrite: bool = False, labels: Mapping[str, str
     if job.model is not None and _same_file(job.model, job.output):
         raise ValueError(f"{labels['model']} {job.model} is the {labels['output']} file; "
                          "choose another name for the model image")
-    frames.check_output_path(job.output, overwrite)
+    check_output_path(job.output, overwrite)
     if job.model is not None:
-        frames.check_output_path(job.model, overwrite)
+        check_output_path(job.model, overwrite)
 
 
 @dataclasses.dataclass
@@ -264,6 +313,8 @@ def _pick_fibermap(fibermap, specmin: int, nspec: int, path: str, camera: str | 
     """
     if fibermap is None:
         return None
+    from .._io import frames
+
     n = len(fibermap)
     sp = _spectrograph(camera)
     if "FIBER" in fibermap.colnames and sp is not None:
@@ -284,7 +335,8 @@ def _pick_fibermap(fibermap, specmin: int, nspec: int, path: str, camera: str | 
 
 
 def prepare(job: FrameJob, options: FrameOptions, psfs: PsfSource | None = None, *,
-            labels: Mapping[str, str] = CLI_LABELS, device_put: bool = False) -> Prepared:
+            labels: Mapping[str, str] = CLI_LABELS, device_put: bool = False,
+            read_preproc: Callable | None = None) -> Prepared:
     """Step 2: read the PSF and the preproc image, and check everything against each other.
 
     Args:
@@ -293,11 +345,15 @@ def prepare(job: FrameJob, options: FrameOptions, psfs: PsfSource | None = None,
         labels: how files are named in messages.
         device_put: place image and ivar on the default device (the batch reader
             does, so the copy overlaps the previous frame's compute).
+        read_preproc: reads the preproc file (``frames.read_preproc``'s signature),
+            e.g. a :class:`ReadAhead`; None reads it here.
 
     Raises:
         OptionError: an option that does not fit the PSF (``.flag()`` says it as a flag).
         ValueError, OSError: unreadable or inconsistent files (named in the message).
     """
+    from .._io import frames  # astropy: imported here, not with the module (see the module docstring)
+
     t0 = time.perf_counter()
     psf = (psfs or PsfCache(1)).get(job.psf)
     specmin, nspec = check_fibers(options.specmin, options.nspec, psf.nspec, options.extraction.bundlesize)
@@ -316,7 +372,7 @@ def prepare(job: FrameJob, options: FrameOptions, psfs: PsfSource | None = None,
 
     if options.wavelength is not None:  # an option's error before any image is read
         check_grid(wave_grid(psf, options.wavelength), options.wavelength, "option")
-    pre = frames.read_preproc(job.image, mask_rule=options.mask_rule)
+    pre = (read_preproc or frames.read_preproc)(job.image, mask_rule=options.mask_rule)
     ccd = (psf.npix_y, psf.npix_x)
     if pre.image.shape[0] > ccd[0] or pre.image.shape[1] > ccd[1]:
         raise ValueError(
@@ -388,7 +444,7 @@ def compute(prep: Prepared, first: int | None = None, n: int | None = None, *, s
     Args:
         geometry: the patch geometry of exactly these fibers, grid and options
             (the batch reader cuts it ahead, beside the previous frame's device
-            work); None cuts it here.
+            work); None cuts it here, while the pixels go to the device.
         fetch: False returns the device arrays as soon as the work is queued
             (JAX's dispatch is asynchronous); :func:`fetch_arrays` brings them to the host.
 
@@ -404,12 +460,32 @@ def compute(prep: Prepared, first: int | None = None, n: int | None = None, *, s
     if chunk_size is not None:
         opts = opts.replace(chunk_size=chunk_size)
     want_model = prep.job.model is not None
-    ex = extract(prep.image, prep.ivar, prep.psf, prep.wave, specmin=first, nspec=n, xyrange=prep.xyrange,
+    image, ivar = prep.image, prep.ivar
+    if geometry is None:
+        geometry, image, ivar = _geometry_beside_transfer(prep, first, n, opts)
+    ex = extract(image, ivar, prep.psf, prep.wave, specmin=first, nspec=n, xyrange=prep.xyrange,
                  options=opts, model=want_model, geometry=geometry, progress=progress, solve_chunk=solve_chunk)
     names = ["flux", "ivar", "resolution", "chi2pix", "pixmask_fraction"] + (["model"] if want_model else [])
     out = {k: getattr(ex, k) for k in names}
     out["wave"] = ex.wave
     return fetch_arrays(out) if fetch else out
+
+
+def _geometry_beside_transfer(prep: Prepared, first: int, n: int, opts: ExtractOptions):
+    """``(geometry, image, ivar)``: the patch geometry cut while the pixels go to the device.
+
+    The geometry is Python and small JAX programs (0.6 s in a fresh process on an H200);
+    the copy of a full CCD's image and ivar (2 x 136 MB in float64, 0.2-0.35 s there) is
+    not, so it runs in a thread meanwhile.  The arrays are placed as :func:`extract`
+    places them (uncommitted, on the default device): the same compiled programs.
+    """
+    from .._extraction.extract import _as_array, patch_geometry_for
+
+    with ThreadPoolExecutor(1, thread_name_prefix="jaxspec-pixels") as pool:
+        pixels = pool.submit(lambda: (_as_array(prep.image), _as_array(prep.ivar)))
+        geometry = patch_geometry_for(prep.psf, prep.wave, first, n, opts)
+        image, ivar = pixels.result()
+    return geometry, image, ivar
 
 
 def fetch_arrays(arrays: dict) -> dict:
@@ -437,6 +513,8 @@ def write(prep: Prepared, arrays: dict, overwrite: bool = False) -> str:
     Returns:
         The absolute path of the frame written.
     """
+    from .._io import frames
+
     dead = np.flatnonzero(~np.any(arrays["ivar"] > 0, axis=1))
     if dead.size:
         log.warning("%d of %d fibers have no unmasked pixels (ivar 0, MASK set in the frame): %s",
@@ -468,15 +546,18 @@ def write(prep: Prepared, arrays: dict, overwrite: bool = False) -> str:
 
 def run_frame(job: FrameJob, options: FrameOptions = FrameOptions(), *, overwrite: bool = False,
               psfs: PsfSource | None = None, progress: Callable[[int, int], None] | None = None,
-              solve_chunk: Callable | None = None, labels: Mapping[str, str] = CLI_LABELS) -> dict:
+              solve_chunk: Callable | None = None, labels: Mapping[str, str] = CLI_LABELS,
+              read_preproc: Callable | None = None) -> dict:
     """The whole job for one frame: check, read, extract, write.
+
+    ``read_preproc``: as :func:`prepare`'s (e.g. a :class:`ReadAhead`).
 
     Returns:
         ``{"output", "nspec", "nwave", "seconds"}``.
     """
     t0 = time.perf_counter()
     check_paths(job, overwrite, labels)
-    prep = prepare(job, options, psfs, labels=labels)
+    prep = prepare(job, options, psfs, labels=labels, read_preproc=read_preproc)
     wave = prep.wave
     log.info("extracting fibers %d-%d, %d wavelengths %.1f-%.1f A from %s",
              prep.specmin, prep.specmin + prep.nspec - 1, len(wave), wave[0], wave[-1], job.image)
