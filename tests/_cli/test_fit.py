@@ -162,4 +162,146 @@ def test_fit_psf_full_model_options_checked_before_fitting(cli_run, capsys):
     assert "--legendre-deg-x 5" in capsys.readouterr().err
     assert main([*base, "--plot", str(d / "full.png")]) == 2
     assert "--plot" in capsys.readouterr().err
+    assert main([*base, "--fit-continuum"]) == 2  # specex's option, not implemented: refused, not ignored
+    err = capsys.readouterr().err
+    assert "--fit-continuum" in err and "not implemented" in err
     assert not out.exists()
+
+
+def test_fit_psf_bad_ranges_fail_before_fitting(cli_run, capsys):
+    """-s/-n beyond the PSF, --wavelength outside it or reversed: exit 2 at once, no output."""
+    d = cli_run["d"]
+    out = d / "never3.fits"
+    base = ["fit-psf", "--arc", str(d / "arc.fits"), "--flat", str(d / "flat.fits"), "--psf-init",
+            str(d / "psf-init.fits"), "-o", str(out), "--bundlesize", "5", "--nblocks", "1"]
+    for extra, msg in ((["-s", "498", "-n", "5"], "fibers 0..499"), (["-s", "-1", "-n", "5"], "fibers 0..499"),
+                       (["-s", "0", "-n", "0"], "fibers 0..499"),
+                       (["-s", "0", "-n", "5", "--wavelength", "5000,5900"], "outside the PSF's"),
+                       (["-s", "0", "-n", "5", "--wavelength", "5900,5800"], "need wmin < wmax"),
+                       (["-s", "0", "-n", "5", "--wavelength", "5800"], "expected two numbers")):
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert msg in err, (extra, err)
+    assert not out.exists()
+
+
+def test_fit_psf_broken_fibers_checked_before_fitting(cli_run, capsys):
+    """--broken-fibers: non-integers, duplicates, fibers not in the PSF, every fiber broken: exit 2
+    at once with a message naming the option; nothing written.  Other fibers of the PSF (a
+    camera's whole list, as desispec passes it to each bundle's fit) are ignored."""
+    d = cli_run["d"]
+    out = d / "never4.fits"
+    base = ["fit-psf", "--arc", str(d / "arc.fits"), "--flat", str(d / "flat.fits"), "--psf-init",
+            str(d / "psf-init.fits"), "-o", str(out), "-s", "0", "-n", "5", "--bundlesize", "5", "--nblocks", "1",
+            "--wavelength", WAVE]
+    for value, msg in (("2,x", "'x' is not a fiber number"), ("2.5", "'2.5' is not a fiber number"),
+                       ("1,,3", "'' is not a fiber number"), ("3,1,3", "fiber(s) 3 given more than once"),
+                       ("100000", "fiber(s) 100000 not in the PSF (fibers 0.."), ("-1", "fiber(s) -1 not in the PSF"),
+                       ("0,1,2,3,4", "every fitted fiber (0..4) is broken")):
+        assert main([*base, "--broken-fibers", value]) == 2, value
+        err = capsys.readouterr().err
+        assert "--broken-fibers" in err and msg in err, (value, err)
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def dead_run(cli_run):
+    """An arc and a flat of fibers 0-9 from the true PSF with fiber 2 dead and fibers 5-9 dark
+    (zero throughput), written as preproc files; the line list of ``cli_run``."""
+    from jaxspec._simulation.calib import read_lines, simulate_arc, simulate_flat
+
+    d, psf = cli_run["d"], cli_run["psf"]
+    lines = read_lines(d / "lines.txt")
+    box = psf.xyrange((0, 10), (5780.0, 5920.0))
+    xy = (0, min(box[1] + psf.hsizex, psf.npix_x), 0, min(box[3] + psf.hsizey, psf.npix_y))
+    tp = np.array([1.0, 0.95, 0.0, 1.05, 1.0, 0, 0, 0, 0, 0])
+    arc = simulate_arc(psf, lines, specmin=0, nspec=10, xyrange=xy, throughput=tp, seed=11)
+    flat = simulate_flat(psf, specmin=0, nspec=10, xyrange=xy, throughput=tp, seed=12)
+    for name, cal, kind in (("arc-dead.fits", arc, "ARC"), ("flat-dead.fits", flat, "FLAT")):
+        jaxspec.write_preproc(d / name, cal.image, cal.ivar, header={"FLAVOR": kind, "EXPTIME": 1.0})
+    base = ["fit-psf", "--input-image", str(d / "arc-dead.fits"), "--input-image", str(d / "flat-dead.fits"),
+            "--input-psf", str(d / "psf-init.fits"), "--bundlesize", "5", "--nblocks", "1", "--wavelength", WAVE,
+            "--lines", str(d / "lines.txt")]
+    return dict(d=d, base=base)
+
+
+def _psf_hdu(path):
+    from astropy.io import fits
+
+    with fits.open(path) as h:
+        hdr = h["PSF"].header
+        names = [str(n).strip() for n in h["PSF"].data["PARAM"]]
+        return (dict(hdr), np.array(h["XTRACE"].data), np.array(h["YTRACE"].data),
+                np.array(h["PSF"].data["COEFF"]), names)
+
+
+def test_fit_psf_full_model_dead_fiber_refused_before_fitting(dead_run, capsys):
+    """--model full: a dead fiber not in --broken-fibers is found before any fitting (exit 2)."""
+    import time
+
+    d, base = dead_run["d"], dead_run["base"]
+    out = d / "psf-full-dead.fits"
+    t0 = time.perf_counter()
+    assert main([*base, "-o", str(out), "-s", "0", "-n", "5", "--model", "full"]) == 2
+    err = capsys.readouterr().err
+    assert "fiber(s) 2 (0%) show no light" in err and "--broken-fibers" in err
+    # a camera's list whose fibers here are all lit but fiber 2: 5 and 40 ignored, 2 still refused
+    assert main([*base, "-o", str(out), "-s", "0", "-n", "5", "--model", "full", "--broken-fibers", "5,40"]) == 2
+    err = capsys.readouterr().err
+    assert "fiber(s) 2 (0%) show no light" in err
+    assert time.perf_counter() - t0 < 10.0 and not out.exists()
+
+
+@pytest.mark.slow
+def test_fit_psf_broken_fiber_end_to_end(cli_run, dead_run, capsys, caplog):
+    """A dead fiber: refused without --broken-fibers (exit 2, naming it and the option); with it,
+    the other fibers fit as well as in ``cli_run`` (traces within 0.02 px of the truth) and the
+    dead fiber's XTRACE, YTRACE and PSF rows are the input file's bit for bit, STATUS 3,
+    NBROKEN / BROKEN in the header.  Over fibers 0-9 in two bundles, bundle 1 without lamp light
+    is flagged (status 2, exit 1) while bundle 0 is fitted exactly as alone; declared broken,
+    bundle 1 gets status 3 and the exit status is 0."""
+    import time
+
+    d, base = dead_run["d"], dead_run["base"]
+    out = d / "psf-dead.fits"
+    t0 = time.perf_counter()
+    assert main([*base, "-o", str(out), "-s", "0", "-n", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "fiber(s) 2 (0%) show no light" in err and "--broken-fibers" in err
+    assert time.perf_counter() - t0 < 10.0 and not out.exists()
+
+    assert main([*base, "-o", str(out), "-s", "0", "-n", "5", "--broken-fibers", "2"]) == 0
+    assert "1 broken fiber(s) not fitted" in capsys.readouterr().out
+    hdr, xt, yt, coeff, names = _psf_hdu(out)
+    hdr0, xt0, yt0, coeff0, names0 = _psf_hdu(d / "psf-init.fits")
+    assert names == names0
+    st = names.index("STATUS")
+    assert xt[2].tobytes() == xt0[2].tobytes() and yt[2].tobytes() == yt0[2].tobytes()
+    keep = [i for i in range(len(names)) if i != st]
+    assert coeff[keep][:, 2].tobytes() == coeff0[keep][:, 2].tobytes()
+    np.testing.assert_array_equal(coeff[st, :6, 0], [0, 0, 3, 0, 0, coeff0[st, 5, 0]])
+    assert hdr["NBROKEN"] == 1 and hdr["BROKEN"] == "2" and hdr["B00STAT"] == 0
+    fit, psf = jaxspec.read_psf(out), cli_run["psf"]
+    fib, w = np.array([0, 1, 3, 4])[:, None], np.array([5810.0, 5850.0, 5890.0])[None, :]
+    for fn in ("x", "y"):
+        err_fit = np.abs(np.asarray(getattr(fit, fn)(fib, w) - getattr(psf, fn)(fib, w)))
+        assert err_fit.max() < 0.02, (fn, err_fit.max())
+
+    two = d / "psf-two.fits"
+    assert main([*base, "-o", str(two), "-s", "0", "-n", "10", "--broken-fibers", "2"]) == 1
+    cap = capsys.readouterr()
+    assert "1 of 2 bundles FAILED" in cap.out
+    assert "bundle 1 (fibers 5-9) will not be fitted" in caplog.text and "no lamp light" in caplog.text
+    hdr2, xt2, yt2, coeff2, _ = _psf_hdu(two)
+    assert hdr2["B00STAT"] == 0 and hdr2["B01STAT"] == 2 and hdr2["B01RCHI2"] == -1.0
+    np.testing.assert_array_equal(coeff2[st, :10, 0], [0, 0, 3, 0, 0, 2, 2, 2, 2, 2])
+    assert xt2[5:10].tobytes() == xt0[5:10].tobytes()
+    assert coeff2[keep][:, 5:10].tobytes() == coeff0[keep][:, 5:10].tobytes()
+    np.testing.assert_allclose(xt2[:5], xt[:5], rtol=0, atol=1e-10)  # bundle 0 as when fitted alone
+    np.testing.assert_allclose(coeff2[keep][:, :5], coeff[keep][:, :5], rtol=1e-10, atol=1e-12)
+
+    three = d / "psf-three.fits"
+    assert main([*base, "-o", str(three), "-s", "0", "-n", "10", "--broken-fibers", "2,5,6,7,8,9"]) == 0
+    hdr3, _, _, coeff3, _ = _psf_hdu(three)
+    assert hdr3["B01STAT"] == 3 and hdr3["NBROKEN"] == 6 and hdr3["BROKEN"] == "2,5,6,7,8,9"
+    np.testing.assert_array_equal(coeff3[st, :10, 0], [0, 0, 3, 0, 0, 3, 3, 3, 3, 3])

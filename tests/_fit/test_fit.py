@@ -262,3 +262,12 @@ def test_fit_psf_rejects_bad_input(psf_true, small):
         fit_psf(psf_true, [], [small["flat"]], fibers=[0, 2])
     with pytest.raises(ValueError, match="fibers"):
         fit_psf(psf_true, [], [small["flat"]], fibers=[498, 499, 500])
+    # a bad range and bad broken-fiber lists: refused before any fitting (issue 18)
+    with pytest.raises(ValueError, match="waverange .* inside the PSF's"):
+        fit_psf(psf_true, [], [small["flat"]], fibers=[0, 1, 2], waverange=(5000.0, 5100.0))
+    with pytest.raises(ValueError, match="waverange"):
+        fit_psf(psf_true, [], [small["flat"]], fibers=[0, 1, 2], waverange=(6400.0, 6390.0))
+    for broken, match in (([3], r"fiber\(s\) 3 outside the fitted fibers 0..2"), ([1.0], "not a fiber number"),
+                          ([1, 1], "more than once"), ([0, 1, 2], "every fitted fiber")):
+        with pytest.raises(ValueError, match=match):
+            fit_psf(psf_true, [], [small["flat"]], fibers=[0, 1, 2], broken_fibers=broken)

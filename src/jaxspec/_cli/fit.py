@@ -4,6 +4,14 @@
 preproc file; ``fit-psf`` fits a Gauss-Hermite PSF to such exposures (bundle by
 bundle, in wavelength blocks, see :func:`jaxspec.fit_psf_ccd`) and writes
 it in the DESI GAUSS-HERMITE format, with an optional PNG of the residuals.
+
+``fit-psf`` checks every option and input before fitting (exit status 2 with a
+one-line message); a bundle whose data cannot be fitted (no arc line or lamp light in
+it, a fiber without light that is not in ``--broken-fibers``) is flagged and keeps its
+input coefficients while the others are fitted.  Exit status: 0 every bundle fitted
+(or all of whose fibers are broken), 1 some bundles flagged as failed, 2 a usage or
+input error, 3 every bundle failed.
+
 Wired into the command line by :func:`jaxspec._cli.build_parser` through
 :func:`add_parser`.
 """
@@ -54,6 +62,46 @@ def _fibers(args, psf) -> tuple[int, int]:
         raise _usage_error(
             f"--specmin {specmin} --nspec {nspec}: the PSF has fibers 0..{psf.nspec - 1}")
     return specmin, nspec
+
+
+def _broken_fibers(args, specmin: int, nspec: int, psf_nspec: int):
+    """``--broken-fibers 3,17`` -> the checked fiber numbers inside ``-s/-n`` (an integer array).
+
+    As desispec passes a camera's whole list of broken fibers to every bundle's fit, numbers
+    of the PSF's other fibers are accepted and ignored (with a log line); a number that is
+    no fiber of the PSF is an error.
+    """
+    from .._fit import check_broken_fibers
+
+    text = args.broken_fibers
+    items = [] if text is None or not text.strip() else [v.strip() for v in text.split(",")]
+    fibers = []
+    for v in items:
+        try:
+            fibers.append(int(v))
+        except ValueError:
+            raise _usage_error(f"--broken-fibers {text!r}: {v!r} is not a fiber number (give comma-separated "
+                               "integers, e.g. 3,17)") from None
+    try:
+        alien = sorted({f for f in fibers if not 0 <= f < psf_nspec})
+        if alien:
+            raise ValueError(f"fiber(s) {', '.join(str(f) for f in alien)} not in the PSF (fibers 0..{psf_nspec - 1})")
+        if fibers:  # each once
+            check_broken_fibers(fibers, 0, psf_nspec)
+        others = sorted(f for f in fibers if not specmin <= f < specmin + nspec)
+        if others:
+            log.info("--broken-fibers: fiber(s) %s not fitted here (-s %d -n %d): ignored",
+                     ",".join(str(f) for f in others), specmin, nspec)
+        return check_broken_fibers([f for f in fibers if specmin <= f < specmin + nspec], specmin, nspec)
+    except ValueError as err:
+        raise _usage_error(f"--broken-fibers {text!r}: {str(err).removeprefix('broken fibers (--broken-fibers): ')}") \
+            from None
+
+
+def _exit_status(bundles) -> int:
+    """0 every bundle fitted (or broken), 1 some failed, 3 every one failed."""
+    nfail = sum(b.status == 2 for b in bundles)
+    return 3 if nfail == len(bundles) else (1 if nfail else 0)
 
 
 def _lines(args, psf):
@@ -126,6 +174,9 @@ def cmd_fit_psf(args) -> int:
             raise _usage_error(f"--input-image {p}: FLAVOR {flavor!r} in its header; need ARC or FLAT "
                                "(or give it with --arc / --flat)")
         (args.arc if flavor == "ARC" else args.flat).append(p)
+    if args.fit_continuum:
+        raise _usage_error("--fit-continuum (specex's fit of the arc's continuum, CONT) is not implemented yet: "
+                           "leave it out (the arc continuum is not modelled; the input PSF's CONT row is copied)")
     if args.model == "full" and args.plot is not None:
         raise _usage_error("--plot is not available with --model full yet")
     if _same_file(args.output, args.psf_init):
@@ -154,6 +205,7 @@ def cmd_fit_psf(args) -> int:
         raise _usage_error("--bundlesize, --nblocks and --maxiter must be positive")
     psf = _read_gh_psf(args.psf_init, "--psf-init")
     specmin, nspec = _fibers(args, psf)
+    broken = _broken_fibers(args, specmin, nspec, psf.nspec)
     wr = _parse_range(args.wavelength, "--wavelength")
     if wr is not None and (wr[0] < psf.wmin or wr[1] > psf.wmax):
         raise _usage_error(f"--wavelength {args.wavelength}: outside the PSF's {psf.wmin:.1f}-{psf.wmax:.1f} A")
@@ -170,19 +222,22 @@ def cmd_fit_psf(args) -> int:
                  fr.reduced_chi2, fr.seconds)
 
     def bundle_done(st, nbundles):
-        state = ("converged", "NOT converged", "FAILED (input kept)")[st.status]
-        log.info("bundle %d (fibers %d-%d): %s, chi2/dof %.4f%s", st.bundle, st.fibers[0], st.fibers[-1], state,
-                 st.reduced_chi2, f": {st.message}" if st.message else "")
+        state = ("converged", "NOT converged", "FAILED (input kept)", "every fiber broken (input kept)")[st.status]
+        brk = f", broken fibers {','.join(str(f) for f in st.broken)}" if len(st.broken) and st.status != 3 else ""
+        log.info("bundle %d (fibers %d-%d): %s, chi2/dof %.4f%s%s", st.bundle, st.fibers[0], st.fibers[-1], state,
+                 st.reduced_chi2, brk, f": {st.message}" if st.message else "")
 
+    if len(broken):
+        log.info("broken fibers (not fitted, input coefficients kept): %s", ",".join(str(f) for f in broken))
     if args.model == "full":
-        return _fit_full(args, psf, arcs, flats, lines, specmin, nspec, wr, t0, bundle_done)
+        return _fit_full(args, psf, arcs, flats, lines, specmin, nspec, wr, t0, bundle_done, broken)
     log.info("fitting %s of fibers %d-%d from %d arc(s) and %d flat(s)",
              ",".join(what), specmin, specmin + nspec - 1, len(arcs), len(flats))
     try:
         result = fit_psf_ccd(
             psf, arcs, flats, lines=lines, specmin=specmin, nspec=nspec, bundlesize=args.bundlesize,
             nblocks=args.nblocks, waverange=wr, progress=progress, bundle_progress=bundle_done, what=what,
-            maxiter=args.maxiter,
+            maxiter=args.maxiter, broken_fibers=broken,
         )
     except ValueError as err:  # found by the checks that run before any fitting
         raise _usage_error(str(err)) from None
@@ -197,15 +252,17 @@ def cmd_fit_psf(args) -> int:
     ndof = sum(f.ndof for f in fits)
     nconv = sum(f.converged for f in fits)
     nfail = sum(b.status == 2 for b in result.bundles)
-    dx = [np.abs(f.params["dx"][:, 0]).max() for f in fits if "dx" in f.params]
+    dx = [np.abs(f.params["dx"][:, 0][f.live if f.live is not None else slice(None)]).max()
+          for f in fits if "dx" in f.params]
     print(f"jaxspec fit-psf: {len(fits)} patches ({nconv} converged), chi2/dof {chi2 / max(ndof, 1):.4f}"
           + (f", largest x shift {max(dx):.3f} px" if dx else "")
+          + (f", {len(broken)} broken fiber(s) not fitted" if len(broken) else "")
           + (f", {nfail} of {len(result.bundles)} bundles FAILED (input coefficients kept, flagged)" if nfail else "")
           + f", {time.perf_counter() - t0:.1f} s -> {os.path.abspath(path)}")
-    return 3 if nfail == len(result.bundles) else 0
+    return _exit_status(result.bundles)
 
 
-def _fit_full(args, psf, arcs, flats, lines, specmin, nspec, wr, t0, bundle_done) -> int:
+def _fit_full(args, psf, arcs, flats, lines, specmin, nspec, wr, t0, bundle_done, broken) -> int:
     """``fit-psf --model full``: every coefficient of every bundle (:func:`jaxspec.fit_psf_full`)."""
     from .._fit import fit_psf_full
     from ..psf import write_psf
@@ -221,7 +278,8 @@ def _fit_full(args, psf, arcs, flats, lines, specmin, nspec, wr, t0, bundle_done
     try:
         result = fit_psf_full(psf, arcs, flats, lines=lines, specmin=specmin, nspec=nspec,
                               bundlesize=args.bundlesize, waverange=wr, legdeg_wave=args.legendre_deg_wave,
-                              legdeg_fiber=args.legendre_deg_x, maxiter=args.maxiter, bundle_progress=bundle_done)
+                              legdeg_fiber=args.legendre_deg_x, maxiter=args.maxiter, bundle_progress=bundle_done,
+                              broken_fibers=broken)
     except ValueError as err:  # found by the checks that run before any fitting
         raise _usage_error(str(err)) from None
     path = write_psf(args.output, result.psf, overwrite=args.overwrite, header=result.header())
@@ -229,8 +287,9 @@ def _fit_full(args, psf, arcs, flats, lines, specmin, nspec, wr, t0, bundle_done
     nconv = sum(b.status == 0 for b in result.bundles)
     print(f"jaxspec fit-psf --model full: {len(result.bundles)} bundles ({nconv} converged"
           + (f", {nfail} FAILED: input coefficients kept, flagged" if nfail else "")
+          + (f", {len(broken)} broken fiber(s) not fitted" if len(broken) else "")
           + f"), {time.perf_counter() - t0:.1f} s -> {os.path.abspath(path)}")
-    return 3 if nfail == len(result.bundles) else 0
+    return _exit_status(result.bundles)
 
 
 def add_parser(subparsers, common) -> argparse.ArgumentParser:
@@ -261,7 +320,10 @@ def add_parser(subparsers, common) -> argparse.ArgumentParser:
         "fit-psf", help="fit a Gauss-Hermite PSF to arc and flat exposures",
         description="Fit trace shifts, GHSIGX/GHSIGY scales and Gauss-Hermite terms of a PSF, with the "
                     "line fluxes and flat amplitudes, to calibration images by Levenberg-Marquardt on the "
-                    "pixel chi2; bundle by bundle in wavelength blocks.  Writes a GAUSS-HERMITE PSF file.",
+                    "pixel chi2; bundle by bundle in wavelength blocks.  Writes a GAUSS-HERMITE PSF file.  "
+                    "Every option and input is checked before fitting; a bundle that cannot be fitted keeps its "
+                    "input coefficients and is flagged.  Exit status: 0 every bundle fitted, 1 some flagged as "
+                    "failed, 2 a usage or input error, 3 every bundle failed.",
     )
     p.add_argument("--arc", action="append", default=[], metavar="IMAGE", help="arc preproc file (repeatable)")
     p.add_argument("--flat", action="append", default=[], metavar="IMAGE", help="flat preproc file (repeatable)")
@@ -288,6 +350,12 @@ def add_parser(subparsers, common) -> argparse.ArgumentParser:
                    help="wmin,wmax [A] to fit (default: the wavelengths every fiber sees)")
     p.add_argument("--what", default="xtrace,ytrace,sigma,gh",
                    help="what to fit, comma-separated from xtrace,ytrace,sigma,gh (default: all)")
+    p.add_argument("--broken-fibers", default=None, metavar="LIST",
+                   help="fibers without light, comma-separated (specex's option; the PSF's fiber numbers, as "
+                        "--specmin): not fitted, their coefficients kept; the written PSF marks them (STATUS 3, "
+                        "header NBROKEN, BROKEN)")
+    p.add_argument("--fit-continuum", action="store_true",
+                   help="specex's option to fit the arc's continuum: not implemented yet, refused")
     p.add_argument("--maxiter", type=int, default=30, help="most iterations per patch (default 30)")
     p.add_argument("--plot", default=None, metavar="PNG", help="write a PNG of the residuals of the first patches")
     common(p)

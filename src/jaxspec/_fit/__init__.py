@@ -19,6 +19,10 @@ pixels exactly as :func:`jaxspec.project` does, of
   series of degree ``flat_deg`` with unknown coefficients (linear);
 
 through a PSF whose parameters are those of the initial PSF plus corrections.
+Broken fibers (``broken_fibers``, specex's ``--broken-fibers``) have no light: their
+spots are not modelled and nothing of theirs is fitted (their coefficients stay the
+initial PSF's); a fiber without light that is not declared broken is refused before
+any fitting (:func:`jaxspec._fit.patch.check_fiber_light`).
 **What is fitted** (``what``), on top of the initial PSF's coefficients:
 
 * ``"xtrace"``/``"ytrace"``: per-fiber offsets [pixels] of the first
@@ -66,9 +70,9 @@ marginalised over the line fluxes and flat amplitudes.
 """
 
 from .bundle import BundleFit, fit_bundle, fit_psf_full
-from .ccd import BundleStatus, CCDFit, fit_psf_ccd
+from .ccd import STATUS_BROKEN, STATUS_FAILED, STATUS_NOT_CONVERGED, STATUS_OK, BundleStatus, CCDFit, fit_psf_ccd
 from .params import ALL_WHAT, DEFAULT_GH_TERMS, apply_psf_params
-from .patch import CalibPatch, calib_patch, check_patch
+from .patch import BundleInputError, CalibPatch, calib_patch, check_broken_fibers, check_fiber_light, check_patch
 from .result import FitResult
 from .solver import fit_psf
 from .uncertainty import flux_jacobian, propagate_psf_uncertainty
@@ -76,13 +80,20 @@ from .uncertainty import flux_jacobian, propagate_psf_uncertainty
 __all__ = [
     "ALL_WHAT",
     "BundleFit",
+    "BundleInputError",
     "BundleStatus",
     "CCDFit",
     "CalibPatch",
     "DEFAULT_GH_TERMS",
     "FitResult",
+    "STATUS_BROKEN",
+    "STATUS_FAILED",
+    "STATUS_NOT_CONVERGED",
+    "STATUS_OK",
     "apply_psf_params",
     "calib_patch",
+    "check_broken_fibers",
+    "check_fiber_light",
     "check_patch",
     "fit_bundle",
     "fit_psf",

@@ -9,6 +9,17 @@ degree ``legdeg_fiber`` over the bundle's fibers and ``legdeg_wave`` in
 wavelength, added to the starting PSF's coefficients: the file's own form).
 The line fluxes and flat amplitudes are linear and local to a block.
 
+A broken fiber (``broken_fibers``) stays in its bundle's patches with no light: its
+spots are zeroed, so its trace offsets and fluxes have zero Jacobian columns and are
+held at 0, and its coefficients in the result are the input's, bit for bit.  The
+bundle's fiber-direction series keeps its abscissa over the whole bundle (fiber
+``f0 + i`` at ``t_i``, as without the broken fiber) and is fitted to the good fibers
+only: their model is the same function of fiber position as without the broken fiber,
+just with one fiber's data fewer.  (Re-spacing the series over the good fibers would
+bend its fiber dependence; dropping the fiber from the patch would give its bundle
+another shape, and another compilation.)  So every bundle keeps one shape and all
+still share one compiled function.
+
 Many bundles (the whole CCD, :func:`fit_psf_full`) are fitted together: all
 their blocks are padded to one shape (a bundle with fewer blocks gets blocks of
 zero weight), stacked, and evaluated ``patches_per_call`` at a time by one
@@ -39,9 +50,11 @@ import numpy as np
 
 from .._simulation.calib import LineList
 from ..psf._gausshermite import GaussHermitePSF
-from .ccd import STATUS_FAILED, STATUS_NOT_CONVERGED, STATUS_OK, BundleStatus, CCDFit
+from .ccd import (STATUS_FAILED, STATUS_NOT_CONVERGED, STATUS_OK, BundleStatus, CCDFit, bundle_id, precheck_bundles,
+                  set_status_row)
 from .params import FiberIndices, apply_psf_params, shape_terms_of
-from .patch import CalibPatch, calib_patch
+from .patch import (BrokenFibers, BundleInputError, CalibPatch, calib_patch, check_broken_fibers, check_fiber_light,
+                    check_patch)
 
 log = logging.getLogger("jaxspec.fit")
 
@@ -65,6 +78,8 @@ class BundleFit:
         psf_init: the starting PSF.
         seconds: wall time of the fit (set-up, compilation and all bundles fitted with it);
         compile_seconds: its compilation (first call of each compiled function less a later call).
+        live: ``(nf,)`` bool, False for a broken fiber (not fitted; its ``dx``, ``dy`` are 0
+            with an infinite error and ``psf`` keeps its input coefficients).
     """
 
     psf: GaussHermitePSF
@@ -83,6 +98,7 @@ class BundleFit:
     psf_init: GaussHermitePSF | None = None
     seconds: float = 0.0
     compile_seconds: float = 0.0
+    live: np.ndarray | None = None
 
     @property
     def psf_cov(self) -> np.ndarray:
@@ -144,16 +160,12 @@ def bundle_blocks(psf: GaussHermitePSF, fibers, waverange, rows_per_block: int) 
     return [(x0, x1, y0 + b * rows_per_block, y0 + (b + 1) * rows_per_block) for b in range(nb)]
 
 
-def _fit_bundles(psf_init, arcs, flats, bundles, *, lines, waverange, rows_per_block, trace_deg, shape_terms,
-                 legdeg_fiber, legdeg_wave, flat_deg, maxiter, step_tol, chi2_rtol, lam0, patches_per_call,
-                 callback, bundle_progress):
-    """Fit the full model of every bundle in ``bundles`` (equal sizes) together; returns
-    ``(fits, statuses)`` (a failed bundle's fit is None)."""
-    t0 = time.perf_counter()
+def _resolve(psf_init, *, waverange, rows_per_block, trace_deg, shape_terms, legdeg_fiber, legdeg_wave) -> dict:
+    """The options all bundles share, checked once before any bundle is set up."""
+    if not isinstance(psf_init, GaussHermitePSF):
+        raise TypeError(f"PSF fitting needs a GaussHermitePSF, got {type(psf_init).__name__}")
     if rows_per_block < 16 or rows_per_block % 16:
         raise ValueError(f"rows_per_block must be a positive multiple of 16, got {rows_per_block}")
-    if len({len(b) for b in bundles}) != 1:
-        raise ValueError("bundles fitted together must have the same number of fibers")
     if waverange is None:
         waverange = (psf_init.wmin_all, psf_init.wmax_all)
     if not (psf_init.wmin <= waverange[0] < waverange[1] <= psf_init.wmax):
@@ -162,23 +174,65 @@ def _fit_bundles(psf_init, arcs, flats, bundles, *, lines, waverange, rows_per_b
     if trace_deg is None:
         trace_deg = min(psf_init.xcoef.shape[1], psf_init.ycoef.shape[1]) - 1
     sterms = shape_terms_of(psf_init) if shape_terms is None else tuple(shape_terms)
+    for n in sterms:
+        psf_init.param_index(n)
+    sig = tuple(n for n in sterms if n in ("GHSIGX", "GHSIGY"))
+    if sterms[:len(sig)] != sig:
+        raise ValueError(f"shape_terms must list GHSIGX / GHSIGY first, got {sterms}")
+    ncoef = psf_init.params.shape[2]
+    if legdeg_wave is not None and not 0 <= int(legdeg_wave) < ncoef:
+        raise ValueError(f"legdeg_wave must be in 0..{ncoef - 1} (the file's coefficients), got {legdeg_wave}")
+    if legdeg_fiber < 0:
+        raise ValueError(f"legdeg_fiber must be >= 0, got {legdeg_fiber}")
+    return dict(waverange=tuple(float(w) for w in waverange), trace_deg=int(trace_deg), sterms=sterms)
+
+
+def _check_bundle(psf_init, arcs, flats, fib, broken, *, lines, waverange, rows_per_block, trace_deg, flat_deg,
+                  legdeg_fiber) -> None:
+    """Every check of one bundle's blocks, before any set-up: options (``ValueError``) and data
+    (:class:`BundleInputError`: no arc line or lamp light, no valid pixel, too few good fibers for
+    ``legdeg_fiber``, a fiber without light not in ``broken``)."""
+    nlive = len(fib) - len(broken)
+    if legdeg_fiber >= nlive:
+        raise BundleInputError(
+            f"fibers {fib[0]}-{fib[-1]}: {nlive} fiber(s) not broken, too few for a fiber-direction Legendre "
+            f"degree {legdeg_fiber} (legdeg_fiber, --legendre-deg-x; --broken-fibers): it needs {legdeg_fiber + 1}")
+    nlines = 0
+    for b in bundle_blocks(psf_init, fib, waverange, rows_per_block):
+        plines = check_patch(psf_init, arcs, flats, lines=lines, fibers=fib, xyrange=b,
+                             what=("xtrace", "ytrace", "shape"), trace_deg=trace_deg, flat_deg=flat_deg,
+                             allow_no_lines=True, bucket=16, broken_fibers=broken)[3]
+        nlines += 0 if plines is None else len(plines)
+    if len(arcs) and nlines == 0:
+        raise BundleInputError(f"no arc line falls on fibers {fib[0]}-{fib[-1]} over {tuple(waverange)} A: "
+                               "give a line list (--lines) with lines there or widen the range")
+    box = psf_init.xyrange((int(fib[0]), int(fib[-1]) + 1), waverange)
+    check_fiber_light(psf_init, arcs, flats, lines=lines, fibers=fib, box=box, broken_fibers=broken)
+
+
+def _fit_bundles(psf_init, arcs, flats, bundles, broken, ids, *, lines, waverange, rows_per_block, trace_deg, sterms,
+                 legdeg_fiber, legdeg_wave, flat_deg, maxiter, step_tol, chi2_rtol, lam0, patches_per_call,
+                 callback, bundle_progress, nbundles):
+    """Fit the full model of every bundle in ``bundles`` (equal sizes; checked by
+    :func:`_check_bundle`; ``broken[i]`` its broken fibers, ``ids[i]`` its number) together;
+    returns ``(fits, statuses)`` (a failed bundle's fit is None)."""
+    t0 = time.perf_counter()
+    if len({len(b) for b in bundles}) != 1:
+        raise ValueError("bundles fitted together must have the same number of fibers")
     kw = dict(lines=lines, what=("xtrace", "ytrace", "shape"), trace_deg=trace_deg, shape_terms=sterms,
               legdeg_fiber=legdeg_fiber, legdeg_wave=legdeg_wave, flat_deg=flat_deg, allow_no_lines=True,
               bucket=16)
-    # every block of every bundle set up (and checked) before any fitting
+    # every block of every bundle set up before any fitting
     boxes = [bundle_blocks(psf_init, fib, waverange, rows_per_block) for fib in bundles]
-    first = [[calib_patch(psf_init, arcs, flats, fibers=fib, xyrange=b, **kw)[0] for b in bx]
-             for fib, bx in zip(bundles, boxes)]
-    for fib, ps in zip(bundles, first):
-        if len(arcs) and not any(bool(np.any(np.asarray(p.lvalid))) for p in ps):
-            raise ValueError(f"no arc line falls on fibers {fib[0]}-{fib[-1]} over {tuple(waverange)} A: "
-                             "give a line list (--lines) with lines there or widen the range")
+    first = [[calib_patch(psf_init, arcs, flats, fibers=fib, xyrange=b, broken_fibers=bb, **kw)[0] for b in bx]
+             for fib, bx, bb in zip(bundles, boxes, broken)]
     sizes = {k: max(p.sizes[k] for ps in first for p in ps) for k in first[0][0].sizes}
     nper = max(len(bx) for bx in boxes)
     B = len(bundles)
     patches = []
-    for fib, bx, ps in zip(bundles, boxes, first):
-        row = [p if p.sizes == sizes else calib_patch(psf_init, arcs, flats, fibers=fib, xyrange=b, pad_to=sizes, **kw)[0]
+    for fib, bx, ps, bb in zip(bundles, boxes, first, broken):
+        row = [p if p.sizes == sizes else calib_patch(psf_init, arcs, flats, fibers=fib, xyrange=b, pad_to=sizes,
+                                                      broken_fibers=bb, **kw)[0]
                for p, b in zip(ps, bx)]
         dummy = eqx.tree_at(lambda q: q.sqw, row[0], jnp.zeros_like(row[0].sqw))  # zero weight: no pixels
         patches += row + [dummy] * (nper - len(row))
@@ -303,10 +357,16 @@ def _fit_bundles(psf_init, arcs, flats, bundles, *, lines, waverange, rows_per_b
     for b, fib in enumerate(bundles):
         params = {k: tg[b, lay.slices[k]].reshape(lay.shapes[k]) for k in psf_keys}
         finite = np.isfinite(chi2[b]) and all(np.all(np.isfinite(v)) for v in params.values())
+        live = ~np.isin(fib, broken[b])
         if failed[b] or not finite:
-            statuses.append(BundleStatus(b, np.asarray(fib), STATUS_FAILED, float("nan"), 0, 0,
-                                         msg[b] or "non-finite fit"))
+            st = BundleStatus(ids[b], np.asarray(fib), STATUS_FAILED, float("nan"), 0, 0, msg[b] or "non-finite fit",
+                              broken=np.asarray(broken[b]))
+            log.warning("fit-psf: bundle %d (fibers %d-%d) failed, its input coefficients are kept: %s",
+                        st.bundle, fib[0], fib[-1], st.message)
+            statuses.append(st)
             fits.append(None)
+            if bundle_progress is not None:
+                bundle_progress(st, nbundles)
             continue
         on = np.diag(S[b]) > 1e-300
         cov = np.full((npsf, npsf), np.nan)
@@ -315,18 +375,18 @@ def _fit_bundles(psf_init, arcs, flats, bundles, *, lines, waverange, rows_per_b
         err = np.sqrt(np.where(np.isfinite(np.diag(cov)), np.abs(np.diag(cov)), np.inf))
         errors = {k: err[lay.slices[k]].reshape(lay.shapes[k]) for k in psf_keys}
         psf = apply_psf_params(psf_init, {k: jnp.asarray(v) for k, v in params.items()}, fib,
-                               shape_terms=sterms).with_traces()
+                               shape_terms=sterms, live=live).with_traces()
         npar = int(on.sum()) + int(act[owner == b].sum())
         fr = BundleFit(psf=psf, params=params, errors=errors, cov=cov, chi2=float(chi2[b]), ndata=int(npix[b]),
                        npar=npar, niter=int(niter[b]), converged=bool(converged[b]), chi2_history=hist[b],
                        fibers=np.asarray(fib), boxes=boxes[b], shape_terms=sterms, psf_init=psf_init, seconds=seconds,
-                       compile_seconds=compile_s)
+                       compile_seconds=compile_s, live=live)
         fits.append(fr)
-        st = BundleStatus(b, np.asarray(fib), STATUS_OK if fr.converged else STATUS_NOT_CONVERGED, fr.chi2,
-                          fr.ndata, fr.npar)
+        st = BundleStatus(ids[b], np.asarray(fib), STATUS_OK if fr.converged else STATUS_NOT_CONVERGED, fr.chi2,
+                          fr.ndata, fr.npar, broken=np.asarray(broken[b]))
         statuses.append(st)
         if bundle_progress is not None:
-            bundle_progress(st, B)
+            bundle_progress(st, nbundles)
     return fits, statuses
 
 
@@ -350,6 +410,7 @@ def fit_bundle(
     lam0: float = 1e-3,
     patches_per_call: int = 16,
     callback: Callable | None = None,
+    broken_fibers: BrokenFibers = None,
 ) -> BundleFit:
     """Fit the full PSF model of one bundle to arcs and flats (see the module docstring).
 
@@ -373,19 +434,29 @@ def fit_bundle(
         lam0: the first damping, as in :func:`fit_psf`.
         patches_per_call: blocks evaluated by one compiled call (memory).
         callback: ``callback(bundle, iteration, chi2, step, lambda)`` (default: log at INFO).
+        broken_fibers: fibers of the bundle without light (specex's ``--broken-fibers``): not
+            fitted, their spots not modelled, their coefficients the input's; the bundle's
+            fiber-direction series is fitted to the other fibers (see the module docstring).
 
     Returns:
         A :class:`BundleFit`.
 
     Raises:
-        ValueError: bad input, or the fit failed (non-finite chi2).
+        ValueError: bad input (:class:`jaxspec._fit.patch.BundleInputError` for the bundle's
+            data: no arc line or lamp light, a fiber without light not in ``broken_fibers``),
+            before any fitting; or the fit failed (non-finite chi2).
     """
     fibers = np.asarray(fibers, dtype=int)
-    fits, st = _fit_bundles(psf_init, arcs, flats, [fibers], lines=lines, waverange=waverange,
-                            rows_per_block=rows_per_block, trace_deg=trace_deg, shape_terms=shape_terms,
+    r = _resolve(psf_init, waverange=waverange, rows_per_block=rows_per_block, trace_deg=trace_deg,
+                 shape_terms=shape_terms, legdeg_fiber=legdeg_fiber, legdeg_wave=legdeg_wave)
+    broken = check_broken_fibers(broken_fibers, int(fibers[0]), len(fibers)) if fibers.size else np.zeros(0, int)
+    _check_bundle(psf_init, arcs, flats, fibers, broken, lines=lines, waverange=r["waverange"],
+                  rows_per_block=rows_per_block, trace_deg=r["trace_deg"], flat_deg=flat_deg, legdeg_fiber=legdeg_fiber)
+    fits, st = _fit_bundles(psf_init, arcs, flats, [fibers], [broken], [0], lines=lines, waverange=r["waverange"],
+                            rows_per_block=rows_per_block, trace_deg=r["trace_deg"], sterms=r["sterms"],
                             legdeg_fiber=legdeg_fiber, legdeg_wave=legdeg_wave, flat_deg=flat_deg, maxiter=maxiter,
                             step_tol=step_tol, chi2_rtol=chi2_rtol, lam0=lam0, patches_per_call=patches_per_call,
-                            callback=callback, bundle_progress=None)
+                            callback=callback, bundle_progress=None, nbundles=1)
     if fits[0] is None:
         raise ValueError(f"the fit of fibers {fibers[0]}-{fibers[-1]} failed: {st[0].message}")
     return fits[0]
@@ -414,35 +485,57 @@ def fit_psf_full(
     patches_per_call: int = 16,
     callback: Callable | None = None,
     bundle_progress: Callable | None = None,
+    broken_fibers: BrokenFibers = None,
 ) -> CCDFit:
     """The full model of every bundle of fibers ``specmin .. specmin + nspec - 1``, fitted together.
 
     All bundles' blocks share one compiled function (see the module docstring);
-    arguments as :func:`fit_bundle`.  A bundle whose fit fails keeps its input
-    coefficients and is flagged (status 2); the others go on.
+    arguments as :func:`fit_bundle`.  Every bundle is checked before any is fitted: a
+    bad option raises ``ValueError``; a bundle whose data fail the checks (no arc line
+    or lamp light, a fiber without light not in ``broken_fibers``, fewer good fibers than
+    ``legdeg_fiber + 1``) is flagged (status 2) and not fitted, the others go on
+    (``ValueError`` when that leaves none).  A bundle whose fit fails keeps its input
+    coefficients and is flagged (status 2); one all of whose fibers are broken, status 3.
 
     Returns:
         A :class:`CCDFit`: the PSF with every fitted bundle's coefficients, the
-        :class:`BundleFit` of every bundle (None where it failed), the statuses.
+        :class:`BundleFit` of every bundle (None where it was not fitted or failed), the
+        statuses, the broken fibers (``STATUS`` row 3, header ``NBROKEN``/``BROKEN``).
     """
     nspec = psf_init.nspec - specmin if nspec is None else int(nspec)
     psf_init.check_fibers(specmin, nspec)
     if bundlesize < 1:
         raise ValueError(f"bundlesize must be >= 1, got {bundlesize}")
+    broken = check_broken_fibers(broken_fibers, specmin, nspec)
+    r = _resolve(psf_init, waverange=waverange, rows_per_block=rows_per_block, trace_deg=trace_deg,
+                 shape_terms=shape_terms, legdeg_fiber=legdeg_fiber, legdeg_wave=legdeg_wave)
     bundles = [np.arange(s, min(s + bundlesize, specmin + nspec)) for s in range(specmin, specmin + nspec, bundlesize)]
+    pre = precheck_bundles(
+        bundles, broken,
+        lambda fib, bb: _check_bundle(psf_init, arcs, flats, fib, bb, lines=lines, waverange=r["waverange"],
+                                      rows_per_block=rows_per_block, trace_deg=r["trace_deg"], flat_deg=flat_deg,
+                                      legdeg_fiber=legdeg_fiber),
+        specmin, bundlesize)
+    fits, statuses = [None] * len(bundles), [None] * len(bundles)
+    for i, st in pre.items():
+        statuses[i] = st
+        if bundle_progress is not None:
+            bundle_progress(st, len(bundles))
     groups = {}
     for i, b in enumerate(bundles):
-        groups.setdefault(len(b), []).append(i)
-    fits, statuses = [None] * len(bundles), [None] * len(bundles)
+        if i not in pre:
+            groups.setdefault(len(b), []).append(i)
     for _, idx in groups.items():
-        f, st = _fit_bundles(psf_init, arcs, flats, [bundles[i] for i in idx], lines=lines, waverange=waverange,
-                             rows_per_block=rows_per_block, trace_deg=trace_deg, shape_terms=shape_terms,
-                             legdeg_fiber=legdeg_fiber, legdeg_wave=legdeg_wave, flat_deg=flat_deg,
+        f, st = _fit_bundles(psf_init, arcs, flats, [bundles[i] for i in idx],
+                             [bundles[i][np.isin(bundles[i], broken)] for i in idx],
+                             [bundle_id(bundles[i], i, specmin, bundlesize) for i in idx], lines=lines,
+                             waverange=r["waverange"], rows_per_block=rows_per_block, trace_deg=r["trace_deg"],
+                             sterms=r["sterms"], legdeg_fiber=legdeg_fiber, legdeg_wave=legdeg_wave, flat_deg=flat_deg,
                              maxiter=maxiter, step_tol=step_tol, chi2_rtol=chi2_rtol, lam0=lam0,
-                             patches_per_call=patches_per_call, callback=callback, bundle_progress=bundle_progress)
+                             patches_per_call=patches_per_call, callback=callback, bundle_progress=bundle_progress,
+                             nbundles=len(bundles))
         for j, i in enumerate(idx):
             fits[i] = f[j]
-            st[j].bundle = int(bundles[i][0]) // bundlesize if specmin % bundlesize == 0 else i
             statuses[i] = st[j]
     xcoef = np.array(psf_init.xcoef)
     ycoef = np.array(psf_init.ycoef)
@@ -451,14 +544,10 @@ def fit_psf_full(
         if fr is None:
             continue
         fib = fr.fibers
-        xcoef[fib] = np.asarray(fr.psf.xcoef)[fib]
+        xcoef[fib] = np.asarray(fr.psf.xcoef)[fib]  # broken fibers: the input's (apply_psf_params(live=))
         ycoef[fib] = np.asarray(fr.psf.ycoef)[fib]
         pars[:, fib] = np.asarray(fr.psf.params)[:, fib]
-    if "STATUS" in psf_init.param_names:
-        row = psf_init.param_index("STATUS")
-        for st in statuses:
-            pars[row, st.fibers, :] = 0.0
-            pars[row, st.fibers, 0] = float(st.status)
+    set_status_row(psf_init, pars, statuses, broken)
     psf = eqx.tree_at(lambda p: p.params, psf_init, jnp.asarray(pars)).with_traces(jnp.asarray(xcoef),
                                                                                 jnp.asarray(ycoef))
-    return CCDFit(psf, fits, statuses)
+    return CCDFit(psf, fits, statuses, broken)

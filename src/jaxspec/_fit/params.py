@@ -64,7 +64,7 @@ def _psf_shapes(nf: int, what: Sequence[str], trace_deg: int, ngh: int, per_fibe
 
 
 def apply_psf_params(psf: GaussHermitePSF, params: dict, fibers, *, gh_terms: Sequence[str] = DEFAULT_GH_TERMS,
-                     shape_terms: Sequence[str] | None = None) -> GaussHermitePSF:
+                     shape_terms: Sequence[str] | None = None, live=None) -> GaussHermitePSF:
     """``psf`` with the corrections ``params`` applied to ``fibers`` (JAX-traceable).
 
     Args:
@@ -80,6 +80,8 @@ def apply_psf_params(psf: GaussHermitePSF, params: dict, fibers, *, gh_terms: Se
             ``(nterm, nfib, nk)``: the same offsets per fiber.
         fibers: ``(nfib,)`` absolute fiber indices the rows of ``params`` refer to.
         shape_terms: the parameter names of the rows of ``pc`` / ``pcf``.
+        live: ``(nfib,)`` bool, False for a broken fiber: its traces and parameters are
+            left exactly as in ``psf`` (the bundle's ``pc`` series is not applied to it).
 
     The inverse trace is not refitted (``psf.with_traces()`` does that; the
     forward model and the extraction solve do not use it).
@@ -114,6 +116,11 @@ def apply_psf_params(psf: GaussHermitePSF, params: dict, fibers, *, gh_terms: Se
             off = jnp.sum(pc[:, None, :, :] * pf[None, :, :, None], axis=2)
         k = off.shape[-1]
         pars = pars.at[rows[:, None], fib[None, :], :k].add(off)
+    if live is not None:  # broken fibers: the input rows, bit for bit
+        keep = ~jnp.asarray(live, bool)
+        xcoef = xcoef.at[fib].set(jnp.where(keep[:, None], psf.xcoef[fib], xcoef[fib]))
+        ycoef = ycoef.at[fib].set(jnp.where(keep[:, None], psf.ycoef[fib], ycoef[fib]))
+        pars = pars.at[:, fib].set(jnp.where(keep[None, :, None], psf.params[:, fib], pars[:, fib]))
     return eqx.tree_at(lambda p: (p.xcoef, p.ycoef, p.params), psf, (xcoef, ycoef, pars))
 
 

@@ -5,6 +5,7 @@ and its Gauss-Newton pieces (the coloured band Jacobian, ``J^T J``, ``J^T r``).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 
 import equinox as eqx
@@ -28,7 +29,65 @@ from .params import (
     shape_terms_of,
 )
 
-__all__ = ["CalibPatch", "calib_patch", "check_patch", "patch_lines"]
+__all__ = ["BundleInputError", "CalibPatch", "calib_patch", "check_broken_fibers", "check_fiber_light", "check_patch",
+           "patch_lines"]
+
+log = logging.getLogger("jaxspec.fit")
+
+
+class BundleInputError(ValueError):
+    """A problem of one bundle's data, found before fitting: no arc line or no lamp light in its
+    box, no valid pixel, a fiber without light that is not declared broken.
+
+    :func:`jaxspec.fit_psf_ccd` and :func:`jaxspec.fit_psf_full` flag such a bundle (its input
+    coefficients kept) and fit the others; a single patch or bundle fit raises it.
+    """
+
+
+#: Broken fibers as a caller gives them: a sequence or 1-D array of fiber numbers (checked by
+#: :func:`check_broken_fibers`, which names what is wrong rather than failing a type check).
+BrokenFibers = Sequence | np.ndarray | jax.Array | None
+
+
+def check_broken_fibers(broken: BrokenFibers, specmin: int, nspec: int) -> np.ndarray:
+    """The broken fibers, checked against the fitted fibers ``specmin .. specmin + nspec - 1``.
+
+    A broken fiber has no light: it is not fitted, its trace and shape coefficients stay the
+    input PSF's, its spots are not modelled.  Fiber numbers are the PSF's fiber indices, as
+    ``specmin`` (specex's ``--broken-fibers``: the fiber number within the camera).
+
+    Returns:
+        The sorted fiber numbers, an integer array (empty for None or an empty list).
+
+    Raises:
+        ValueError: a non-integer, a fiber given twice, one outside the fitted fibers, or every
+            fitted fiber broken (the messages name ``--broken-fibers``).
+    """
+    what = "broken fibers (--broken-fibers)"
+    if broken is None:
+        return np.zeros(0, dtype=int)
+    if isinstance(broken, (str, bytes)) or np.ndim(broken) > 1:
+        raise ValueError(f"{what}: expected a list of fiber numbers, got {broken!r}")
+    items = list(np.asarray(broken).ravel()) if isinstance(broken, (np.ndarray, jax.Array)) else list(broken)
+    out = []
+    for v in items:
+        if isinstance(v, (np.ndarray, jax.Array)) and np.ndim(v) == 0:
+            v = np.asarray(v)[()]
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise ValueError(f"{what}: {v!r} is not a fiber number (an integer)")
+        out.append(int(v))
+    arr = np.array(out, dtype=int)
+    uniq, counts = np.unique(arr, return_counts=True)
+    if np.any(counts > 1):
+        raise ValueError(f"{what}: fiber(s) {', '.join(str(f) for f in uniq[counts > 1])} given more than once")
+    last = specmin + nspec - 1
+    outside = uniq[(uniq < specmin) | (uniq > last)]
+    if len(outside):
+        raise ValueError(f"{what}: fiber(s) {', '.join(str(f) for f in outside)} outside the fitted fibers "
+                         f"{specmin}..{last} (-s/--specmin, -n/--nspec; fiber numbers are the PSF's, 0-based)")
+    if len(uniq) == nspec:
+        raise ValueError(f"{what}: every fitted fiber ({specmin}..{last}) is broken: nothing to fit")
+    return uniq
 
 
 # ---------------------------------------------------------------- one patch: static set-up
@@ -102,6 +161,7 @@ class CalibPatch(eqx.Module):
     lvalid: jnp.ndarray  # (nline,) bool
     fwave: jnp.ndarray  # (nsamp,)
     fbasis: jnp.ndarray  # (nsamp, nbasis): lamp * dw * Legendre basis; 0 for padding
+    live: jnp.ndarray  # (nf,) bool: False for a broken fiber (no light: its spots are not modelled)
     static: _Static = eqx.field(static=True)
 
     # ----------------------------------------------------------- parameter vectors
@@ -126,25 +186,47 @@ class CalibPatch(eqx.Module):
         return self.layout.unflatten(theta)
 
     def corrected_psf(self, params: dict) -> GaussHermitePSF:
-        """The initial PSF with the PSF corrections in ``params`` applied."""
+        """The initial PSF with the PSF corrections in ``params`` applied (broken fibers untouched)."""
         psfp = {k: params[k] for k in PSF_KEYS if k in params}
         return apply_psf_params(self.psf, psfp, self.fibers, gh_terms=self.static.gh_terms,
-                                shape_terms=self.static.shape_terms)
+                                shape_terms=self.static.shape_terms, live=self.live)
+
+    def dead_mask(self) -> np.ndarray:
+        """``(n,)`` bool over theta: the entries of broken fibers (their trace and width
+        corrections and fluxes; held at 0, not fitted: their Jacobian columns are zero)."""
+        lay = self.layout
+        dead = ~np.asarray(self.live, bool)
+        m = np.zeros(lay.size, bool)
+        for k, shp in lay.shapes.items():
+            if k in ("dx", "dy"):
+                fm = np.broadcast_to(dead[:, None], shp)
+            elif k in ("log_sigx", "log_sigy"):
+                fm = dead
+            elif k == "gh" and len(shp) == 2:
+                fm = np.broadcast_to(dead[None, :], shp)
+            elif k in ("line_flux", "flat_amp"):
+                fm = np.broadcast_to(dead[None, :, None], shp)
+            else:  # shared: gh (one per bundle), pc (the bundle's series)
+                continue
+            m[lay.slices[k]] = np.ravel(fm)
+        return m
 
     # ----------------------------------------------------------- forward model
     def stamps(self, psf: GaussHermitePSF):
         """Spots of every fiber at the lines and flat samples.
 
         Returns ``{"line": (xmin, ymin, st), "flat": (xmin, ymin, st)}`` with
-        ``st`` of shape ``(nf, nline or nsamp, ny, nx)`` (padding lines zeroed).
+        ``st`` of shape ``(nf, nline or nsamp, ny, nx)`` (padding lines and broken fibers zeroed).
         """
         s = self.static
         out = {}
+        live = self.live[:, None, None, None]  # a broken fiber has no light
         if s.narc:
             xmin, ymin, st = psf.spots(self.fibers[:, None], self.lwave[None, :])
-            out["line"] = (xmin, ymin, jnp.where(self.lvalid[None, :, None, None], st, 0.0))
+            out["line"] = (xmin, ymin, jnp.where(self.lvalid[None, :, None, None] & live, st, 0.0))
         if s.nflat:
-            out["flat"] = psf.spots(self.fibers[:, None], self.fwave[None, :])
+            xmin, ymin, st = psf.spots(self.fibers[:, None], self.fwave[None, :])
+            out["flat"] = (xmin, ymin, jnp.where(live, st, 0.0))
         return out
 
     def _band_index(self, xmin, ymin, ny, nx):
@@ -505,7 +587,7 @@ def patch_lines(psf: GaussHermitePSF, lines: LineList, fibers, box) -> LineList:
     plines = lines.select(ok)
     if len(plines) == 0:
         w = np.asarray(psf.wavelength(fibers[[0, -1]][:, None], np.array([box[2], box[3]], float)[None, :]))
-        raise ValueError(
+        raise BundleInputError(
             f"no arc line falls in the pixel box {tuple(box)} (fibers {fibers[0]}-{fibers[-1]}, rows "
             f"{box[2]}-{box[3]}, about {w.min():.1f}-{w.max():.1f} A): give a line list (--lines) with "
             f"lines there, widen the wavelength range or use fewer wavelength blocks")
@@ -530,9 +612,14 @@ def check_patch(
     bucket: int = 16,
     allow_no_lines: bool = False,
     min_hw: tuple[int, int] = (0, 0),
+    broken_fibers: BrokenFibers = None,
 ):
     """Every check of :func:`calib_patch`, without building the patch (cheap: run it for
     all patches of a CCD before fitting any).
+
+    Data problems of the patch (no arc line reaches it, an image has no valid pixel or
+    no lamp light there) raise :class:`BundleInputError`; ``broken_fibers`` (fibers of
+    ``fibers`` without light, :func:`check_broken_fibers`) are left out of the lamp-light test.
 
     Returns:
         ``(fibers, box, real_box, lines_in_box, gh_terms)``: the box rounded up to
@@ -559,6 +646,7 @@ def check_patch(
         raise ValueError(f"fibers must be consecutive fiber indices, got {fibers}")
     psf_init.check_fibers(int(fibers[0]), len(fibers))
     f0, nf = int(fibers[0]), len(fibers)
+    live = ~np.isin(fibers, check_broken_fibers(broken_fibers, f0, nf))
     gh_terms = tuple(gh_terms) if "gh" in what else ()
     for n in gh_terms:
         psf_init.param_index(n)
@@ -570,6 +658,9 @@ def check_patch(
 
     if xyrange is None:
         wr = (psf_init.wmin, psf_init.wmax) if waverange is None else waverange
+        if not psf_init.wmin <= wr[0] < wr[1] <= psf_init.wmax:
+            raise ValueError(f"waverange {tuple(float(w) for w in wr)}: need wmin < wmax inside the PSF's "
+                             f"{psf_init.wmin:.1f}-{psf_init.wmax:.1f} A")
         box = list(psf_init.xyrange((f0, f0 + nf), wr))
     else:
         box = [int(v) for v in xyrange]
@@ -602,12 +693,12 @@ def check_patch(
             ya, yb = max(real[2], ixy[2]), min(real[3], ixy[3])
             sub = np.asarray(ivar)[max(ya - ixy[2], 0):max(yb - ixy[2], 0), max(xa - ixy[0], 0):max(xb - ixy[0], 0)]
             if not np.any(np.isfinite(sub) & (sub > 0)):
-                raise ValueError(
+                raise BundleInputError(
                     f"{kind} {n} has no valid pixel (ivar > 0) in the box {tuple(real)} of fibers "
                     f"{fibers[0]}-{fibers[-1]} (the image covers {tuple(ixy)}): fit fibers and wavelengths "
                     "that the image covers")
             if kind == "arc" and len(plines):
-                _check_arc_light(psf_init, np.asarray(image), np.asarray(ivar), ixy, fibers, real, plines, n)
+                _check_arc_light(psf_init, np.asarray(image), np.asarray(ivar), ixy, fibers[live], real, plines, n)
     return fibers, box, real, plines, gh_terms
 
 
@@ -627,10 +718,109 @@ def _check_arc_light(psf, image, ivar, ixy, fibers, box, plines, n, min_snr: flo
         sig += float(np.sum(d[good]))
         var += float(np.sum(1.0 / w[good]))
     if var > 0 and sig / np.sqrt(var) < min_snr:
-        raise ValueError(
+        raise BundleInputError(
             f"arc {n} has no lamp light at the {int(ok.sum())} spots of the arc lines in the box {tuple(box)} "
             f"(fibers {fibers[0]}-{fibers[-1]}; summed S/N {sig / np.sqrt(var):.1f}): check that the arc covers "
-            "these fibers and wavelengths, or fit a range where its lines are")
+            "these fibers and wavelengths, fit a range where its lines are, or list fibers without light in "
+            "--broken-fibers")
+
+
+def _core_sums(image, ivar, ixy, xc, yc):
+    """Data and variance summed over the 3 x 3 pixels nearest each centre ``(xc, yc)`` (CCD
+    pixels, arrays of one shape; NaN: skip), and the number of valid pixels; over the last axis."""
+    ok = np.isfinite(xc) & np.isfinite(yc)
+    c0 = np.rint(np.where(ok, xc, -1e6)).astype(np.int64) - int(ixy[0])
+    r0 = np.rint(np.where(ok, yc, -1e6)).astype(np.int64) - int(ixy[2])
+    d = np.arange(-1, 2)
+    rows = r0[..., None, None] + d[:, None]
+    cols = c0[..., None, None] + d[None, :]
+    H, W = image.shape
+    inside = (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)
+    rr, cc = np.clip(rows, 0, H - 1), np.clip(cols, 0, W - 1)
+    dat, w = image[rr, cc], ivar[rr, cc]
+    good = inside & np.isfinite(dat) & np.isfinite(w) & (w > 0)
+    sig = np.where(good, dat, 0.0).sum(axis=(-1, -2)).sum(axis=-1)
+    var = np.where(good, 1.0 / np.where(good, w, 1.0), 0.0).sum(axis=(-1, -2)).sum(axis=-1)
+    return sig, var, good.sum(axis=(-1, -2)).sum(axis=-1)
+
+
+def check_fiber_light(
+    psf: GaussHermitePSF,
+    arcs: Sequence = (),
+    flats: Sequence = (),
+    *,
+    lines: LineList | None = None,
+    fibers: FiberIndices,
+    box: tuple,
+    broken_fibers: BrokenFibers = None,
+    min_frac: float = 0.1,
+    min_snr: float = 20.0,
+) -> None:
+    """Raise :class:`BundleInputError` if a fiber not declared broken has no light (a dead fiber).
+
+    Each fiber's light in each image is summed over the 3 x 3 pixels at its arc lines' spots
+    (arcs) or along its trace, every third row (flats), inside ``box``; a fiber with less
+    than ``min_frac`` of the brightest fiber's signal is unlit.  An image where the
+    brightest fiber's summed S/N is below ``min_snr`` is not judged (too little light; the
+    lamp-light check of :func:`check_patch` speaks for arcs; a flat there has no light and
+    raises).  A fiber declared broken that
+    does show light is logged (a warning): its light is not modelled and falls on its
+    neighbours' pixels.
+
+    Raises:
+        BundleInputError: the unlit fibers and the image, naming ``--broken-fibers``.
+    """
+    fibers = np.asarray(fibers, dtype=int)
+    broken = np.asarray([] if broken_fibers is None else broken_fibers, dtype=int)
+    live = ~np.isin(fibers, broken)
+    f = fibers[:, None]
+    rows = np.arange(box[2] + 1, box[3], 3, dtype=float)
+    for kind, group in (("arc", arcs), ("flat", flats)):
+        if not len(group):
+            continue
+        if kind == "arc":
+            wl = lines.wave[(lines.wave >= psf.wmin) & (lines.wave <= psf.wmax)] if lines is not None else np.zeros(0)
+            if not len(wl):
+                continue
+            xc = np.asarray(psf.x(f, wl[None, :]), dtype=float)
+            yc = np.asarray(psf.y(f, wl[None, :]), dtype=float)
+            where = "its arc lines' spots"
+        else:
+            wr = np.asarray(psf.wavelength(f, rows[None, :]), dtype=float)
+            wr = np.where((wr >= psf.wmin) & (wr <= psf.wmax), wr, np.nan)
+            xc = np.asarray(psf.x(f, np.nan_to_num(wr, nan=psf.wmin)), dtype=float)
+            xc = np.where(np.isfinite(wr), xc, np.nan)
+            yc = np.broadcast_to(rows[None, :], xc.shape)
+            where = "its trace"
+        inbox = (yc >= box[2]) & (yc < box[3])
+        xc, yc = np.where(inbox, xc, np.nan), np.where(inbox, yc, np.nan)
+        for n, im in enumerate(group):
+            image, ivar, ixy = _as_input(im, f"{kind} {n}")
+            sig, var, npix = _core_sums(np.asarray(image, dtype=float), np.asarray(ivar, dtype=float), ixy, xc, yc)
+            seen = live & (npix > 0)
+            if not np.any(seen):
+                continue
+            ref = float(np.max(sig[seen]))
+            iref = int(np.flatnonzero(seen)[np.argmax(sig[seen])])
+            if not ref > min_snr * np.sqrt(var[iref]):
+                if kind == "flat":
+                    raise BundleInputError(
+                        f"flat {n} has no lamp light along the traces of fibers {fibers[0]}-{fibers[-1]} in the box "
+                        f"{tuple(box)} (brightest summed S/N {ref / np.sqrt(var[iref]):.1f}): check that the flat "
+                        "covers these fibers and wavelengths, or list fibers without light in --broken-fibers")
+                continue
+            dead = seen & (sig < min_frac * ref)
+            if np.any(dead):
+                pct = ", ".join(f"{fb} ({int(round(100 * s / ref))}%)" for fb, s in zip(fibers[dead], sig[dead]))
+                raise BundleInputError(
+                    f"fiber(s) {pct} show no light in {kind} {n} (signal at {where} in the box {tuple(box)}, "
+                    f"relative to the brightest fiber of fibers {fibers[0]}-{fibers[-1]}): if they are broken, "
+                    "list them in --broken-fibers (broken_fibers=) so that they are not fitted; else check the image")
+            lit = ~live & (npix > 0) & (sig > min_frac * ref) & (sig > 5.0 * np.sqrt(var))
+            for fb, s in zip(fibers[lit], sig[lit]):
+                log.warning("fit-psf: fiber %d is listed as broken but shows %.0f%% of the brightest fiber's light "
+                            "in %s %d: its light is not modelled and falls on its neighbours' pixels", fb,
+                            100 * s / ref, kind, n)
 
 
 def calib_patch(
@@ -658,6 +848,7 @@ def calib_patch(
     legdeg_wave: int | None = None,
     allow_no_lines: bool = False,
     pad_to: dict | None = None,
+    broken_fibers: BrokenFibers = None,
 ) -> tuple[CalibPatch, dict]:
     """Set up one fitting patch (see :func:`fit_psf` for the arguments).
 
@@ -670,17 +861,22 @@ def calib_patch(
     :func:`shape_terms_of`), their fiber and wavelength Legendre degrees
     ``legdeg_fiber`` and ``legdeg_wave`` (default the file's: all its
     coefficients); ``allow_no_lines`` lets a block of a bigger fit have no arc line.
+    ``broken_fibers`` (:func:`check_broken_fibers`): fibers of the patch without light;
+    their spots are not modelled, their corrections and fluxes are held at 0 (their
+    Jacobian columns are zero), the others are fitted as usual.
 
     Returns:
         ``(patch, meta)``: the :class:`CalibPatch` and ``{"box": (xmin, xmax,
-        ymin, ymax), "lines": LineList of the modelled lines}``.
+        ymin, ymax), "real_box": the box whose pixels are fitted, "lines": LineList of the
+        modelled lines}``.
     """
     fibers, box, real, plines, gh_terms = check_patch(
         psf_init, arcs, flats, lines=lines, fibers=fibers, specmin=specmin, nspec=nspec,
         waverange=waverange, xyrange=xyrange, what=what, trace_deg=trace_deg, gh_terms=gh_terms,
         flat_deg=flat_deg, bucket=bucket, allow_no_lines=allow_no_lines,
-        min_hw=(int((pad_to or {}).get("H", 0)), int((pad_to or {}).get("W", 0))))
+        min_hw=(int((pad_to or {}).get("H", 0)), int((pad_to or {}).get("W", 0))), broken_fibers=broken_fibers)
     f0, nf = int(fibers[0]), len(fibers)
+    live = ~np.isin(fibers, check_broken_fibers(broken_fibers, f0, nf))
     ny, nx = psf_init.stamp_shape
     pad_to = dict(pad_to or {})
     shape = None
@@ -775,9 +971,10 @@ def calib_patch(
         lvalid=jnp.asarray(lv if narc else np.zeros(1, bool)),
         fwave=jnp.asarray(fw if nflat else np.zeros(1), dt),
         fbasis=jnp.asarray(fb if nflat else np.zeros((1, 1)), dt),
+        live=jnp.asarray(live),
         static=static,
     )
-    return patch, dict(box=box, lines=plines)
+    return patch, dict(box=box, real_box=real, lines=plines)
 
 
 # ---------------------------------------------------------------- compiled pieces

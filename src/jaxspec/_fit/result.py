@@ -36,6 +36,8 @@ class FitResult:
             and ``"arc"``/``"flat"`` (for residual plots).
         psf_init: the initial PSF; gh_terms: which GH terms were corrected.
         seconds: wall time.
+        live: ``(nfib,)`` bool, False for a broken fiber (not fitted: its corrections are 0
+            with an infinite error, its coefficients in ``psf`` the initial PSF's).
     """
 
     psf: GaussHermitePSF
@@ -61,6 +63,7 @@ class FitResult:
     psf_init: GaussHermitePSF
     gh_terms: tuple[str, ...]
     seconds: float = 0.0
+    live: np.ndarray | None = None
 
     @property
     def psf_mask(self) -> np.ndarray:

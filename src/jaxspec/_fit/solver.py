@@ -16,7 +16,7 @@ import numpy as np
 from .._simulation.calib import LineList
 from ..psf._gausshermite import GaussHermitePSF
 from .params import DEFAULT_GH_TERMS, DEFAULT_WHAT, LIN_KEYS, PSF_KEYS, FiberIndices
-from .patch import CalibPatch, _chi2, _model, _normal_equations, calib_patch
+from .patch import BrokenFibers, CalibPatch, _chi2, _model, _normal_equations, calib_patch, check_fiber_light
 from .result import FitResult
 
 log = logging.getLogger("jaxspec.fit")
@@ -28,10 +28,12 @@ def _lm(patch: CalibPatch, theta: np.ndarray, *, maxiter, step_tol, chi2_rtol, l
     """Levenberg-Marquardt on the host with compiled Gauss-Newton pieces.
 
     Parameters whose ``J^T J`` diagonal is 0 (padding lines, a line whose spots
-    have left the box) are held fixed in that iteration and get an infinite error.
+    have left the box, everything of a broken fiber) are held fixed in that iteration
+    and get an infinite error.
     """
     lay = patch.layout
     linear = lay.mask(LIN_KEYS)
+    dead = patch.dead_mask()
 
     def ne(th):
         c, a, g = _normal_equations(patch, jnp.asarray(th))
@@ -42,9 +44,10 @@ def _lm(patch: CalibPatch, theta: np.ndarray, *, maxiter, step_tol, chi2_rtol, l
     chi2, JtJ, Jtr, active = ne(theta)
     theta = theta + _solve_scaled(JtJ, Jtr, active & linear)
     chi2, JtJ, Jtr, active = ne(theta)
-    if not np.all(active[~linear]):
-        dead = [k for k, sl in lay.slices.items() for i in range(sl.start, sl.stop) if not active[i] and k in PSF_KEYS]
-        raise ValueError(f"PSF parameters {sorted(set(dead))} have no pixels constraining them")
+    if not np.all(active[~linear & ~dead]):
+        free = [k for k, sl in lay.slices.items() for i in range(sl.start, sl.stop)
+                if not active[i] and not dead[i] and k in PSF_KEYS]
+        raise ValueError(f"PSF parameters {sorted(set(free))} have no pixels constraining them")
     hist_c, hist_s, hist_l = [chi2], [np.inf], [0.0]
     report(0, chi2, np.inf, 0.0)
     lam = lam0
@@ -130,6 +133,7 @@ def fit_psf(
     chi2_rtol: float = 1e-10,
     lam0: float = 1e-3,
     callback: Callable[[int, float, float, float], None] | None = None,
+    broken_fibers: BrokenFibers = None,
 ) -> FitResult:
     """Fit PSF corrections and line / flat fluxes to calibration images of one patch.
 
@@ -165,16 +169,26 @@ def fit_psf(
         lam0: initial Marquardt damping (relative to the diagonal of J^T J).
         callback: ``callback(iteration, chi2, step, lambda)`` after each
             iteration (default: log at INFO).
+        broken_fibers: fibers of ``fibers`` without light (specex's ``--broken-fibers``):
+            not fitted, their spots not modelled, their coefficients the input's.
 
     Returns:
         A :class:`FitResult`.
+
+    Raises:
+        ValueError: bad input; :class:`jaxspec._fit.patch.BundleInputError` for data
+            problems of the patch (no arc line or lamp light in it, a fiber without light
+            that is not in ``broken_fibers``), all before any fitting.
     """
     t0 = time.perf_counter()
     patch, meta = calib_patch(
         psf_init, arcs, flats, lines=lines, fibers=fibers, specmin=specmin, nspec=nspec,
         waverange=waverange, xyrange=xyrange, what=what, trace_deg=trace_deg, gh_terms=gh_terms,
         per_fiber_gh=per_fiber_gh, flat_deg=flat_deg, flat_lamp=flat_lamp, flat_dw=flat_dw,
+        broken_fibers=broken_fibers,
     )
+    check_fiber_light(psf_init, arcs, flats, lines=lines, fibers=np.asarray(patch.fibers), box=meta["real_box"],
+                      broken_fibers=broken_fibers)
     return _fit_patch(patch, meta, maxiter=maxiter, step_tol=step_tol, chi2_rtol=chi2_rtol, lam0=lam0,
                       callback=callback, t0=t0)
 
@@ -205,5 +219,5 @@ def _fit_patch(patch: CalibPatch, meta: dict, *, maxiter=30, step_tol=0.01, chi2
         chi2=chi2, ndof=int(npix - int(active.sum())), chi2_history=hc, step_history=hs,
         lambda_history=hl, niter=it, converged=converged, fibers=fibers, xyrange=meta["box"],
         lines=meta["lines"], data=list(data), ivar=list(ivar), model=list(model), kinds=kinds,
-        psf_init=patch.psf, gh_terms=s.gh_terms, seconds=time.perf_counter() - t0,
+        psf_init=patch.psf, gh_terms=s.gh_terms, seconds=time.perf_counter() - t0, live=np.asarray(patch.live),
     )

@@ -67,7 +67,7 @@ def flux_jacobian(
     def flux(p):
         d = lay.unflatten(p)
         psf = apply_psf_params(fit.psf_init, d, fibers, gh_terms=getattr(fit, "gh_terms", ()),
-                               shape_terms=getattr(fit, "shape_terms", None))
+                               shape_terms=getattr(fit, "shape_terms", None), live=fit.live)
         # extraction never uses the inverse trace: keep the fitted one
         psf = eqx.tree_at(lambda q: (q.wcoef, q.ylim), psf, (psf_fit.wcoef, psf_fit.ylim))
         return extract_patches(image, ivar, psf, geom, xyrange=xyrange, **extract_kwargs).flux
@@ -87,6 +87,8 @@ def propagate_psf_uncertainty(jac, cov) -> np.ndarray:
         jac: ``(..., npsf)`` Jacobian of the flux w.r.t. the PSF parameters
             (:func:`flux_jacobian`).
         cov: ``(npsf, npsf)`` covariance of those parameters (``FitResult.psf_cov``).
+            Parameters with a non-finite variance were held fixed (those of broken
+            fibers, with an infinite or NaN variance): they add nothing.
 
     Returns:
         The variance, shape ``jac.shape[:-1]`` [(photons / A)^2]; add ``1 / ivar``
@@ -96,4 +98,7 @@ def propagate_psf_uncertainty(jac, cov) -> np.ndarray:
     cov = np.asarray(cov)
     if cov.shape != (jac.shape[-1], jac.shape[-1]):
         raise ValueError(f"cov {cov.shape} does not match the Jacobian's {jac.shape[-1]} parameters")
+    fixed = ~np.isfinite(np.diag(cov))
+    if np.any(fixed):
+        cov = np.where(fixed[:, None] | fixed[None, :], 0.0, cov)
     return np.einsum("...i,ij,...j->...", jac, cov, jac)
