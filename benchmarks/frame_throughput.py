@@ -19,8 +19,8 @@ default device; ``--geometry-per-frame`` times ``extract`` cutting it in every c
 instead, as a lone ``jaxspec.extract`` call does).  ``--check`` extracts a slice (one bundle
 x 200 wavelengths) on the accelerator and on the CPU backend and prints the
 largest relative difference (must be <= 1e-10).  ``--stages`` times spots /
-normal equations / solve (Cholesky, inverse blocks, inverse square roots) /
-diagnostics separately on one chunk; ``--scaling`` times three sizes.
+normal equations / solve (block-band factor and solve, inverse blocks, inverse
+square roots) / diagnostics separately on one chunk; ``--scaling`` times three sizes.
 
 Examples::
 
@@ -164,14 +164,13 @@ def check_slice(psf, setting, nspec=25, nwave=200, chunk_size=None):
     return res
 
 
-def stage_times(psf, wave, image, ivar, xy, nspec, setting, chunk_size, repeat, method="eigh"):
+def stage_times(psf, wave, image, ivar, xy, nspec, setting, chunk_size, repeat, method="eigh", offset_group=None):
     """Time each stage of the per-patch function on the first chunk (block_until_ready)."""
     from jaxspec import patch_geometry
     from jaxspec._extraction.extract import _canvas
-    from jaxspec._extraction.patch import _patch_inputs, _round_up, _Static, default_chunk_size
+    from jaxspec._extraction.patch import _patch_inputs, _round_up, default_chunk_size
     from jaxspec._extraction.projection import gather_box, model_box, normal_equations, pixel_diagnostics
-    from jaxspec.solve._cholesky import cholesky_factor, cholesky_inverse_blocks, cholesky_solve
-    from jaxspec.solve._normal import regularize_normal
+    from jaxspec.solve import band_factor, band_inverse_blocks, band_solve, regularize_band
     from jaxspec.solve._decorrelate import _inv_sqrt_from_precision
     from jaxspec.solve._sqrtm import inv_sqrtm_sym
 
@@ -206,16 +205,15 @@ def stage_times(psf, wave, image, ivar, xy, nspec, setting, chunk_size, repeat, 
         return jnp.where(inside, a, 0.0), jnp.where(inside, b, 0.0)
 
     def normal(st, cy, cx, valid, a, b):
-        return normal_equations(st, cy, cx, valid, a, b, geom.band, geom.fiber_band)
+        return normal_equations(st, cy, cx, valid, a, b, geom.band, geom.fiber_band, offset_group)
 
-    def chol(q, y, fw, valid):
+    def factor(q, y, fw, valid):  # as solve_patch does it: the block-band factor, then the solve
         v = valid.reshape(-1)
-        qr = regularize_normal(q, fw, v, 0.0, 1e-4, True)
-        L = cholesky_factor(qr)
-        return L, cholesky_solve(L, jnp.where(v, y, 0.0))
+        F = band_factor(regularize_band(q, fw, v, 0.0, 1e-4, True))
+        return F, band_solve(F, jnp.where(v, y, 0.0))
 
-    def invblocks(L):
-        return cholesky_inverse_blocks(L, nf, nbin)
+    def invblocks(F):
+        return band_inverse_blocks(F)
 
     def isqrt(C):  # as solve_patch does it: eigh of the precision block, or Newton-Schulz
         if method == "eigh":
@@ -231,10 +229,10 @@ def stage_times(psf, wave, image, ivar, xy, nspec, setting, chunk_size, repeat, 
         "spots": (jax.jit(V(spots)), lambda r: (inp,)),
         "pixels": (jax.jit(V(pixels)), lambda r: (inp,)),
         "normal_equations": (jax.jit(V(normal)), lambda r: (*r["spots"][:4], *r["pixels"])),
-        "cholesky+solve": (jax.jit(V(chol)), lambda r: (*r["normal_equations"], r["spots"][3])),
-        "inverse_blocks": (jax.jit(V(invblocks)), lambda r: (r["cholesky+solve"][0],)),
+        "factor+solve": (jax.jit(V(factor)), lambda r: (*r["normal_equations"], r["spots"][3])),
+        "inverse_blocks": (jax.jit(V(invblocks)), lambda r: (r["factor+solve"][0],)),
         "inv_sqrt": (jax.jit(V(isqrt)), lambda r: (r["inverse_blocks"],)),
-        "diagnostics": (jax.jit(V(diag)), lambda r: (*r["spots"][:3], r["cholesky+solve"][1], *r["pixels"])),
+        "diagnostics": (jax.jit(V(diag)), lambda r: (*r["spots"][:3], r["factor+solve"][1], *r["pixels"])),
     }
     res, out = {}, {}
     for name, (fn, args) in fns.items():
@@ -250,7 +248,8 @@ def stage_times(psf, wave, image, ivar, xy, nspec, setting, chunk_size, repeat, 
         med = float(np.median(ts))
         out[name] = dict(chunk_s=med, per_patch_us=med / chunk * 1e6,
                          frame_s=med / chunk * geom.npatch, compile_s=first - med)
-    meta = dict(npatch=geom.npatch, chunk=chunk, nfiber=nf, nbin=nbin, box=box, band=geom.band, fiber_band=geom.fiber_band)
+    meta = dict(npatch=geom.npatch, chunk=chunk, nfiber=nf, nbin=nbin, box=box, band=geom.band,
+                fiber_band=geom.fiber_band, offset_group=offset_group)
     return meta, out
 
 
@@ -265,6 +264,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--stages", action="store_true", help="per-stage timing on one chunk")
     ap.add_argument("--stage-method", default="eigh", help="inv_sqrt method in --stages (eigh | newton_schulz)")
+    ap.add_argument("--offset-group", type=int, default=None,
+                    help="normal equations in --stages: offsets evaluated together (default: the kernel's)")
     ap.add_argument("--no-frame", action="store_true", help="skip the whole-frame timing")
     ap.add_argument("--check", action="store_true", help="accelerator vs CPU on one bundle x 200 bins")
     ap.add_argument("--scaling", action="store_true", help="time 3 sizes (fibers x wavelengths)")
@@ -297,7 +298,7 @@ def main() -> None:
     for s in settings:
         if args.stages:
             meta, st = stage_times(psf, wave, image, ivar, xy, args.nspec, s, args.chunk_size, args.repeat,
-                                   method=args.stage_method)
+                                   method=args.stage_method, offset_group=args.offset_group)
             report["results"][f"stages_{s}"] = dict(meta=meta, stages=st)
             print(f"[stages {s}] {meta}")
             for name, v in st.items():

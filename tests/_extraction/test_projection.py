@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxspec._extraction.projection import model_box, normal_equations, pixel_diagnostics
+from jaxspec.solve import dense_from_band
 
 
 def _random_patch(seed, nf=3, nk=12, ny=5, nx=7, shape=(40, 30)):
@@ -33,8 +34,11 @@ def _dense_a(stamps, cy, cx, valid, shape):
     return a.reshape(-1, nf * nk)
 
 
+@pytest.mark.parametrize("group", [None, 1, 7])
+@pytest.mark.parametrize("fiber_band", [None, 1])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_normal_equations_match_dense(seed):
+def test_normal_equations_match_dense(seed, fiber_band, group):
+    # fibers 4 px apart, 7-px stamps: only neighbours share pixels, so fiber_band 1 is exact
     stamps, cy, cx, valid, image, ivar = _random_patch(seed)
     a = _dense_a(stamps, cy, cx, valid, image.shape)
     w = ivar.ravel()
@@ -42,10 +46,14 @@ def test_normal_equations_match_dense(seed):
     y_ref = a.T @ (w * image.ravel())
     fw_ref = (w[:, None] * a).sum(axis=0)
     band = 5  # 1.4 rows per bin, 5-row stamps: 4 bins apart can still share a row
-    q, y, fw = jax.jit(normal_equations, static_argnums=6)(stamps, cy, cx, valid, image, ivar, band)
-    np.testing.assert_allclose(q, q_ref, atol=1e-13)
+    fn = jax.jit(normal_equations, static_argnums=(6, 7, 8))
+    qb, y, fw = fn(stamps, cy, cx, valid, image, ivar, band, fiber_band, group)
+    nf = stamps.shape[0]
+    assert qb.shape == (nf, (nf - 1 if fiber_band is None else fiber_band) + 1) + stamps.shape[1:2] * 2
+    np.testing.assert_allclose(dense_from_band(qb), q_ref, atol=1e-13)
     np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(fw, fw_ref, rtol=1e-12, atol=1e-13)
+    assert np.all(np.asarray(qb)[0, 1:] == 0)  # blocks before the first fiber: unused, zero
 
 
 def test_model_and_diagnostics_match_dense():

@@ -267,6 +267,7 @@ def extract_patches(
         fiber_band=geom.fiber_band if geom.fiber_band >= 0 else geom.nfiber - 1,
         ndiag=geom.ndiag,
         decorrelate=decorrelate,
+        nkeep=max(1, int((geom.out_fiber >= 0).sum(axis=1).max())),
     )
     # keep every margin box inside the canvas (a fixed pad: two frames whose static
     # shapes agree get canvases of one shape, so they share the compiled program)

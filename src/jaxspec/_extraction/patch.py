@@ -2,8 +2,9 @@
 
 For one patch (F fibers x K wavelength bins, a margin box of NY x NX pixels):
 
-    spots (PSF)  ->  A^T W A, A^T W p (:mod:`.projection`)  ->  Cholesky solve and
-    decorrelation (:func:`jaxspec.solve.solve_patch`)  ->  model, chi2pix, pixmask
+    spots (PSF)  ->  A^T W A (its block band over fibers), A^T W p (:mod:`.projection`)
+    ->  block-band factor, solve and decorrelation of the kept fibers
+    (:func:`jaxspec.solve.solve_patch`)  ->  model, chi2pix, pixmask
 
 :func:`_solve_chunk` is the jit-compiled, vmapped function over a chunk of patches; its
 signature ``(psf, image, ivar, inputs, regularize, minweight_frac, psferr, static)`` is
@@ -40,6 +41,9 @@ class _Static:
     fiber_band: int
     ndiag: int
     decorrelate: str
+    #: fibers a patch keeps (its own, not its neighbours): only these are decorrelated;
+    #: None decorrelates every slot
+    nkeep: int | None = None
 
 
 def _round_up(n: int, m: int) -> int:
@@ -85,7 +89,9 @@ def _patch_inputs(geom: PatchGeometry, origin: tuple[int, int], margin: tuple[in
     # margin-box origin in canvas coordinates, and the real box inside it
     y0 = box[:, 2] - oy - my
     x0 = box[:, 0] - ox - mx
+    kept = geom.out_fiber >= 0
     return dict(
+        keep_slot=np.argmax(kept, axis=1).astype(np.int32),  # first kept slot (kept slots are contiguous)
         fibers=geom.fibers,
         fiber_valid=geom.fiber_valid,
         wave=geom.wave_ext[wave_idx],
@@ -131,6 +137,7 @@ def _solve_one_patch(psf: PSF, image, ivar, inputs, regularize, minweight_frac, 
         sol = solve_patch(
             q, y, fluxweight, valid.reshape(-1), static.nfiber, static.nbin, static.ndiag,
             decorrelate=static.decorrelate, regularize=regularize, minweight_frac=minweight_frac,
+            keep=None if static.nkeep is None else (inputs["keep_slot"], static.nkeep),
         )
     with jax.named_scope("diagnostics"):
         model = model_box(stamps, cy, cx, sol.xflux, static.box)

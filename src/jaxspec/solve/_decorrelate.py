@@ -5,7 +5,9 @@
 ``Q_b`` with rows normalised to sum 1, ``ivar = (row sums of Q_b)^2`` and
 ``flux_b = R_b xflux_b``.  specter builds ``C`` by a clipped eigen-inverse of
 ``Q``; here ``C_b`` comes exactly from the Cholesky factor, identical whenever
-specter's clipping (eigenvalues below ``10 eps * max``) does not trigger.
+specter's clipping (eigenvalues below ``10 eps * max``) does not trigger: by
+selected inversion of the block-banded factor (:mod:`._banded`), or from the dense
+factor's inverse.
 
 ``full`` (specter ``ndecorr=True``): ``Q^{1/2}`` of the whole patch, rows
 normalised, ``ivar`` the squared row sums, ``flux = R xflux``.
@@ -16,8 +18,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg  # noqa: F401
-from jaxtyping import Array, ArrayLike, Float
+from jax import lax
+from jaxtyping import Array, ArrayLike, Float, Int
 
+from ._banded import band_inverse_blocks
 from ._cholesky import cholesky_inverse_blocks
 from ._sqrtm import inv_sqrtm_sym, sqrtm_sym
 
@@ -35,33 +39,49 @@ def normalize_rows(S: Float[ArrayLike, "... m m"]) -> tuple[Float[Array, "... m 
 
 
 def decorrelate_signal(
-    L: Float[ArrayLike, "n n"],
+    L: Float[ArrayLike, "n n"] | Float[ArrayLike, "nspec w1 nwave nwave"],
     xflux: Float[ArrayLike, " n"],
     nspec: int,
     nwave: int,
     threshold: float | None = None,
     method: str = "eigh",
+    keep: tuple[Int[ArrayLike, ""], int] | None = None,
 ) -> tuple[Float[Array, "nspec nwave"], Float[Array, "nspec nwave"], Float[Array, "nspec nwave nwave"]]:
     """Per-fiber decorrelation from the Cholesky factor ``L`` of ``Q``.
 
     Args:
-        L: lower Cholesky factor of the (regularised) normal matrix, (n, n).
+        L: factor of the (regularised) normal matrix: its dense lower Cholesky factor
+            (n, n), or the block-band factor (nspec, w + 1, nwave, nwave) of
+            :func:`band_factor`.
         xflux: undecorrelated solution ``Q^{-1} y`` (n,), fiber-major.
         nspec: static number of fibers (blocks); ``n = nspec * nwave``.
         nwave: static number of bins per fiber.
         threshold: eigenvalue clipping threshold, passed to ``inv_sqrtm_sym``.
         method: ``"eigh"`` or ``"newton_schulz"``, passed to ``inv_sqrtm_sym``.
+        keep: ``(start, count)``, ``count`` static: decorrelate only fibers
+            ``start .. start + count - 1`` (``start`` clipped to fit); the others come
+            out with flux, ivar and R all 0.  The extraction keeps a patch's own
+            fibers, not its neighbours'.  Default: every fiber.
 
     Returns:
         ``(flux, ivar, R)``: (nspec, nwave), (nspec, nwave), (nspec, nwave, nwave).
     """
-    C = cholesky_inverse_blocks(L, nspec, nwave)
+    L = jnp.asarray(L)
+    C = band_inverse_blocks(L) if L.ndim == 4 else cholesky_inverse_blocks(L, nspec, nwave)
+    xf = jnp.asarray(xflux).reshape(nspec, nwave)
+    if keep is not None:
+        start = jnp.clip(jnp.asarray(keep[0], jnp.int32), 0, nspec - keep[1])
+        C = lax.dynamic_slice_in_dim(C, start, keep[1])
+        xf = lax.dynamic_slice_in_dim(xf, start, keep[1])
     if method == "eigh":
         Qb = jax.vmap(lambda B: _inv_sqrt_from_precision(B, threshold))(C)
     else:
         Qb = _batched(inv_sqrtm_sym, C, threshold, method)
     R, ivar = normalize_rows(Qb)
-    flux = jnp.einsum("bij,bj->bi", R, xflux.reshape(nspec, nwave))
+    flux = jnp.einsum("bij,bj->bi", R, xf)
+    if keep is not None:
+        flux, ivar, R = (lax.dynamic_update_slice_in_dim(jnp.zeros((nspec,) + a.shape[1:], a.dtype), a, start, 0)
+                         for a in (flux, ivar, R))
     return flux, ivar, R
 
 
