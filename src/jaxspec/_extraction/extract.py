@@ -258,7 +258,7 @@ def extract_patches(
     ny, nx = psf.stamp_shape
     psferr = psf.psferr if psferr is None else float(psferr)
     canvas_img, canvas_ivar, origin = _canvas(image, ivar, xyrange, geom, psf)
-    nbin = _round_up(geom.nbin, 2)  # even: the reference settings give 74 bins per patch, a 4-multiple would pad to 76
+    nbin = _round_up(geom.nbin, 4)
     static = _Static(
         nfiber=geom.nfiber,
         nbin=nbin,
