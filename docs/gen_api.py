@@ -25,7 +25,8 @@ GROUPS: list[tuple[str, str, list[str]]] = [
 ]
 SUBMODULES: list[tuple[str, str]] = [
     ("psf", "The PSF models above, and their interface."),
-    ("solve", "The batched dense linear algebra of one patch: normal equations, Cholesky, "
+    ("solve", "The linear algebra of one patch: normal equations (dense, or as their block band "
+              "over fibers with a block Cholesky and the inverse's diagonal blocks by recurrence), "
               "decorrelation, matrix square roots with custom derivatives, resolution diagonals. "
               "Every function acts on one patch; `jax.vmap` batches them."),
 ]
