@@ -389,13 +389,27 @@ class _Reader:
 
 
 class _Writer:
-    """Writes frames in ``workers`` threads (at most ``depth`` waiting); records the outcome."""
+    """Writes frames from ``workers`` threads (at most ``depth`` waiting); records the outcome.
 
-    def __init__(self, record: Callable, workers: int = 2, depth: int = 2):
+    With ``processes`` (the default), each thread hands the file's serialisation and
+    writing (:func:`jaxspec._pipeline.job.write_content`: astropy, checksums, the atomic
+    writer) to its own writer process, so that it does not hold this process's
+    interpreter lock while the main thread feeds the device; the thread keeps the
+    light part (mask bits, header, SCORES) and re-emits the process's warnings here.
+    """
+
+    def __init__(self, record: Callable, workers: int = 2, depth: int = 2, processes: bool = True):
         self.q: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self.record = record
-        self.ts = [threading.Thread(target=self._run, name=f"jaxspec-writer-{i}", daemon=True)
-                   for i in range(max(1, workers))]
+        n = max(1, workers)
+        self.pool = None
+        if processes:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn: the parent runs JAX's threads, which a fork would copy in an unknown state
+            self.pool = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"))
+        self.ts = [threading.Thread(target=self._run, name=f"jaxspec-writer-{i}", daemon=True) for i in range(n)]
         for t in self.ts:
             t.start()
 
@@ -404,7 +418,7 @@ class _Writer:
             item = self.q.get()
             if item is None:
                 return
-            self.record(*_do_write(*item))
+            self.record(*_do_write(*item, pool=self.pool))
 
     def put(self, *item):
         self.q.put(item)
@@ -414,12 +428,31 @@ class _Writer:
             self.q.put(None)
         for t in self.ts:
             t.join()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
 
-def _do_write(rec: dict, ld: job.Prepared, arrays, opts, overwrite):
+def _write_in_process(content: dict, overwrite: bool) -> tuple[str, list]:
+    """A writer process's work: :func:`job.write_content`, with its warnings returned (category, text)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = job.write_content(content, overwrite)
+    return path, [(w.category, str(w.message)) for w in caught]
+
+
+def _do_write(rec: dict, ld: job.Prepared, arrays, opts, overwrite, pool=None):
     t0 = time.perf_counter()
     try:
-        job.write(ld, arrays, overwrite)
+        if pool is None:
+            job.write(ld, arrays, overwrite)
+        else:
+            import warnings
+
+            _, caught = pool.submit(_write_in_process, job.frame_content(ld, arrays), overwrite).result()
+            for category, text in caught:
+                warnings.warn(text, category, stacklevel=1)
         rec["status"] = "ok"
     except BaseException as err:  # noqa: BLE001 - reported per frame
         rec["status"] = "failed"
@@ -457,7 +490,9 @@ def run_batch(
         progress: called on rank 0 as ``progress(done, total)`` as frames finish
             (any rank's).
         readers: threads that read each frame and cut its patch geometry, with ``overlap``.
-        writers: threads that write the frames, with ``overlap``.
+        writers: frames written at once, with ``overlap`` (each by a thread that hands the file to
+            its own writer process: serialising a frame then holds none of this process's
+            interpreter lock).
 
     Returns:
         A :class:`BatchSummary`, the same on every rank.
