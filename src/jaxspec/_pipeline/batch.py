@@ -389,27 +389,13 @@ class _Reader:
 
 
 class _Writer:
-    """Writes frames from ``workers`` threads (at most ``depth`` waiting); records the outcome.
+    """Writes frames in ``workers`` threads (at most ``depth`` waiting); records the outcome."""
 
-    With ``processes`` (the default), each thread hands the file's serialisation and
-    writing (:func:`jaxspec._pipeline.job.write_content`: astropy, checksums, the atomic
-    writer) to its own writer process, so that it does not hold this process's
-    interpreter lock while the main thread feeds the device; the thread keeps the
-    light part (mask bits, header, SCORES) and re-emits the process's warnings here.
-    """
-
-    def __init__(self, record: Callable, workers: int = 2, depth: int = 2, processes: bool = True):
+    def __init__(self, record: Callable, workers: int = 2, depth: int = 2):
         self.q: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self.record = record
-        n = max(1, workers)
-        self.pool = None
-        if processes:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            # spawn: the parent runs JAX's threads, which a fork would copy in an unknown state
-            self.pool = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"))
-        self.ts = [threading.Thread(target=self._run, name=f"jaxspec-writer-{i}", daemon=True) for i in range(n)]
+        self.ts = [threading.Thread(target=self._run, name=f"jaxspec-writer-{i}", daemon=True)
+                   for i in range(max(1, workers))]
         for t in self.ts:
             t.start()
 
@@ -418,7 +404,7 @@ class _Writer:
             item = self.q.get()
             if item is None:
                 return
-            self.record(*_do_write(*item, pool=self.pool))
+            self.record(*_do_write(*item))
 
     def put(self, *item):
         self.q.put(item)
@@ -428,31 +414,12 @@ class _Writer:
             self.q.put(None)
         for t in self.ts:
             t.join()
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
 
 
-def _write_in_process(content: dict, overwrite: bool) -> tuple[str, list]:
-    """A writer process's work: :func:`job.write_content`, with its warnings returned (category, text)."""
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        path = job.write_content(content, overwrite)
-    return path, [(w.category, str(w.message)) for w in caught]
-
-
-def _do_write(rec: dict, ld: job.Prepared, arrays, opts, overwrite, pool=None):
+def _do_write(rec: dict, ld: job.Prepared, arrays, opts, overwrite):
     t0 = time.perf_counter()
     try:
-        if pool is None:
-            job.write(ld, arrays, overwrite)
-        else:
-            import warnings
-
-            _, caught = pool.submit(_write_in_process, job.frame_content(ld, arrays), overwrite).result()
-            for category, text in caught:
-                warnings.warn(text, category, stacklevel=1)
+        job.write(ld, arrays, overwrite)
         rec["status"] = "ok"
     except BaseException as err:  # noqa: BLE001 - reported per frame
         rec["status"] = "failed"
@@ -490,9 +457,7 @@ def run_batch(
         progress: called on rank 0 as ``progress(done, total)`` as frames finish
             (any rank's).
         readers: threads that read each frame and cut its patch geometry, with ``overlap``.
-        writers: frames written at once, with ``overlap`` (each by a thread that hands the file to
-            its own writer process: serialising a frame then holds none of this process's
-            interpreter lock).
+        writers: threads that write the frames, with ``overlap``.
 
     Returns:
         A :class:`BatchSummary`, the same on every rank.

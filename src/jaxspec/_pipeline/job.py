@@ -510,39 +510,8 @@ def _ranges(values) -> str:
 def write(prep: Prepared, arrays: dict, overwrite: bool = False) -> str:
     """Step 4: the frame file (and the model image), through the one atomic writer.
 
-    :func:`frame_content` then :func:`write_content` (``extract-batch`` runs the second
-    in writer processes).
-
     Returns:
         The absolute path of the frame written.
-    """
-    return write_content(frame_content(prep, arrays), overwrite)
-
-
-def write_content(content: dict, overwrite: bool = False) -> str:
-    """Write what :func:`frame_content` made: the frame (and the model image, if any).
-
-    Plain NumPy and astropy (no JAX): it runs as well in a writer process.
-
-    Returns:
-        The absolute path of the frame written.
-    """
-    from .._io import frames
-
-    content = dict(content)
-    model = content.pop("model", None)
-    path = frames.write_frame(content.pop("path"), **content, overwrite=overwrite)
-    if model is not None:
-        frames.write_model(model["path"], model["image"], header=model["header"], overwrite=overwrite)
-    return path
-
-
-def frame_content(prep: Prepared, arrays: dict) -> dict:
-    """Everything the frame file holds, as :func:`jaxspec._io.frames.write_frame`'s arguments.
-
-    The output mask bits, the header cards of the job, and the SCORES; host NumPy arrays
-    and astropy objects, picklable.  ``"path"``: the frame's path; ``"model"``:
-    ``{"path", "image", "header"}`` or None.
     """
     from .._io import frames
 
@@ -564,14 +533,15 @@ def frame_content(prep: Prepared, arrays: dict) -> dict:
               if prep.options.scores else None)
     if prep.options.scores and not scores:
         log.warning("no SCORES: the grid %.1f-%.1f A misses the arm's score range", wave[0], wave[-1])
-    model = (None if prep.job.model is None
-             else {"path": prep.job.model, "image": np.asarray(arrays["model"]), "header": prep.header})
-    return dict(
-        path=prep.job.output, wave=np.asarray(wave), flux=np.asarray(arrays["flux"]), ivar=np.asarray(arrays["ivar"]),
-        mask=mask, resolution=np.asarray(arrays["resolution"]), chi2pix=np.asarray(arrays["chi2pix"]),
-        fibermap=prep.fibermap, header=header, specmin=prep.specmin, input_path=prep.job.image, psf_path=prep.job.psf,
-        options=prep.options.extraction.header_cards(prep.psf.psferr), scores=scores, model=model,
+    path = frames.write_frame(
+        prep.job.output, wave=wave, flux=arrays["flux"], ivar=arrays["ivar"], mask=mask,
+        resolution=arrays["resolution"], chi2pix=arrays["chi2pix"], fibermap=prep.fibermap, header=header,
+        specmin=prep.specmin, input_path=prep.job.image, psf_path=prep.job.psf,
+        options=prep.options.extraction.header_cards(prep.psf.psferr), scores=scores, overwrite=overwrite,
     )
+    if prep.job.model is not None:
+        frames.write_model(prep.job.model, arrays["model"], header=prep.header, overwrite=overwrite)
+    return path
 
 
 def run_frame(job: FrameJob, options: FrameOptions = FrameOptions(), *, overwrite: bool = False,
