@@ -268,6 +268,7 @@ def extract_patches(
         ndiag=geom.ndiag,
         decorrelate=decorrelate,
         nkeep=max(1, int((geom.out_fiber >= 0).sum(axis=1).max())),
+        dense=_platform(canvas_img) == "cpu",
     )
     # keep every margin box inside the canvas (a fixed pad: two frames whose static
     # shapes agree get canvases of one shape, so they share the compiled program)
@@ -355,6 +356,14 @@ def _stitch(out: dict, res: dict, tgt):
         else:
             new[name] = arr.at[tgt].set(res[name].reshape(-1), mode="drop")
     return new
+
+
+def _platform(x) -> str:
+    """The platform the array ``x`` lives on (JAX's default backend for a tracer)."""
+    try:
+        return next(iter(x.devices())).platform
+    except (AttributeError, TypeError, StopIteration, jax.errors.ConcretizationTypeError):
+        return jax.default_backend()
 
 
 def _stitch_targets(geom: PatchGeometry, nbin: int) -> np.ndarray:

@@ -27,7 +27,7 @@ import numpy as np
 from ..psf import PSF
 from ..solve import solve_patch
 from .geometry import PatchGeometry
-from .projection import gather_box, model_box, normal_equations, pixel_diagnostics
+from .projection import gather_box, model_box, normal_equations, normal_equations_dense, pixel_diagnostics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +44,10 @@ class _Static:
     #: fibers a patch keeps (its own, not its neighbours): only these are decorrelated;
     #: None decorrelates every slot
     nkeep: int | None = None
+    #: assemble and solve the dense (n, n) normal matrix instead of its block band: faster
+    #: on CPUs (measured on the 2-core machine: the reference cases 0.60/0.38 s dense,
+    #: 0.71/0.53 s banded), the same results to rounding
+    dense: bool = False
 
 
 def _round_up(n: int, m: int) -> int:
@@ -132,7 +136,8 @@ def _solve_one_patch(psf: PSF, image, ivar, inputs, regularize, minweight_frac, 
         iv = jnp.where(inside, iv, 0.0)
         img = jnp.where(inside, img, 0.0)
     with jax.named_scope("normal_equations"):
-        q, y, fluxweight = normal_equations(stamps, cy, cx, valid, img, iv, static.band, static.fiber_band)
+        assemble = normal_equations_dense if static.dense else normal_equations
+        q, y, fluxweight = assemble(stamps, cy, cx, valid, img, iv, static.band, static.fiber_band)
     with jax.named_scope("solve"):
         sol = solve_patch(
             q, y, fluxweight, valid.reshape(-1), static.nfiber, static.nbin, static.ndiag,
