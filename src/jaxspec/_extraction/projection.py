@@ -83,14 +83,7 @@ def normal_equations(
     nf, nk, ny, nx = stamps.shape
     n = nf * nk
     fband = nf - 1 if fiber_band is None else min(int(fiber_band), nf - 1)
-    s = jnp.where(valid[..., None, None], stamps, 0.0).reshape(n, ny, nx)
-    cy = cy.reshape(n)
-    cx = cx.reshape(n)
-    w = _windows(ivar, cy, cx, (ny, nx))
-    p = _windows(image, cy, cx, (ny, nx))
-    sw = s * w
-    rhs = jnp.sum(sw * p, axis=(1, 2))
-    fluxweight = jnp.sum(sw, axis=(1, 2))
+    s, cy, cx, sw, rhs, fluxweight = _weighted_stamps(stamps, cy, cx, valid, image, ivar)
 
     offsets = _offsets(fband, band)
     noff = len(offsets)
@@ -156,20 +149,9 @@ def normal_equations_dense(
     nf, nk, ny, nx = stamps.shape
     n = nf * nk
     fband = nf - 1 if fiber_band is None else min(int(fiber_band), nf - 1)
-    s = jnp.where(valid[..., None, None], stamps, 0.0).reshape(n, ny, nx)
-    cy = cy.reshape(n)
-    cx = cx.reshape(n)
-    w = _windows(ivar, cy, cx, (ny, nx))
-    p = _windows(image, cy, cx, (ny, nx))
-    sw = s * w
-    rhs = jnp.sum(sw * p, axis=(1, 2))
-    fluxweight = jnp.sum(sw, axis=(1, 2))
+    s, cy, cx, sw, rhs, fluxweight = _weighted_stamps(stamps, cy, cx, valid, image, ivar)
 
-    # half of the (fiber offset, bin offset) plane: df > 0, or df == 0 and dk >= 0
-    offsets = jnp.asarray(
-        [(df, dk) for df in range(0, fband + 1) for dk in range(-band, band + 1) if df > 0 or dk >= 0],
-        dtype=jnp.int32,
-    )
+    offsets = jnp.asarray(_offsets(fband, band))
     # stamps padded by one stamp each side: a shifted copy is a plain slice
     spad = jnp.pad(s, ((0, 0), (ny, ny), (nx, nx)))
     fi = jnp.arange(n, dtype=jnp.int32) // nk
@@ -195,6 +177,20 @@ def normal_equations_dense(
     q = q.at[rows, cols].set(vals, mode="drop")
     q = q.at[cols, rows].set(vals, mode="drop")  # the mirror (the diagonal is set twice, to one value)
     return q, rhs, fluxweight
+
+
+def _weighted_stamps(stamps, cy, cx, valid, image, ivar):
+    """The flat (n, ny, nx) stamps S (padding zeroed), corners (n,), ``S W`` and its sums:
+    ``y = sum S W p`` and fluxweight ``= sum S W`` (n,) each; shared by both assemblies."""
+    nf, nk, ny, nx = stamps.shape
+    n = nf * nk
+    s = jnp.where(valid[..., None, None], stamps, 0.0).reshape(n, ny, nx)
+    cy = cy.reshape(n)
+    cx = cx.reshape(n)
+    w = _windows(ivar, cy, cx, (ny, nx))
+    p = _windows(image, cy, cx, (ny, nx))
+    sw = s * w
+    return s, cy, cx, sw, jnp.sum(sw * p, axis=(1, 2)), jnp.sum(sw, axis=(1, 2))
 
 
 def _offsets(fband: int, band: int) -> np.ndarray:
