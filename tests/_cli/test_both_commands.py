@@ -18,6 +18,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 import _frames
+from _badfiles import _flat_width, _nan_xtrace, _psf_as_image, _set_coeff, _set_header, _swap_wave, _with_card
 import jaxspec
 from jaxspec._cli.main import main
 from jaxspec._io import frames as _frameio
@@ -82,49 +83,15 @@ def _edited_psf(d: Path, name: str, psf: str, case: str, edit) -> str:
     return str(path)
 
 
-def _coeff(param: str, value: float, fiber: int = 2, constant: bool = False):
-    def edit(hl):
-        names = [str(n).strip() for n in hl["PSF"].data["PARAM"]]
-        coeff = np.array(hl["PSF"].data["COEFF"])
-        row = names.index(param)
-        if constant:
-            coeff[row, fiber, :] = 0.0
-        coeff[row, fiber, 0] = value
-        hl["PSF"].data["COEFF"] = coeff
-    return edit
-
-
-def _header(hdu: str, key: str, value):
-    def edit(hl):
-        hl[hdu].header[key] = value
-    return edit
-
-
-def _psf_as_image(hl):
-    hdr = fits.Header([c for c in hl["PSF"].header.cards
-                       if c.keyword not in ("XTENSION", "BITPIX", "PCOUNT", "GCOUNT", "TFIELDS")
-                       and not c.keyword.startswith(("NAXIS", "TTYPE", "TFORM", "TDIM"))])
-    hl["PSF"] = fits.ImageHDU(np.array(hl["PSF"].data["COEFF"]).reshape(-1, 3), header=hdr, name="PSF")
-
-
-def _nan_xtrace(hl):
-    hl["XTRACE"].data[3, 1] = np.nan
-
-
-def _swap_wave(hl):
-    h = hl["PSF"].header
-    h["WAVEMIN"], h["WAVEMAX"] = h["WAVEMAX"], h["WAVEMIN"]
-
-
 def _bad_psfs(d: Path, name: str, image: str, psf: str) -> dict:
     """The bad PSF files of the bad-input table (issue 15, item 2 and the unclear messages)."""
     edits = {
-        "psf-ghsigx-nan": (_coeff("GHSIGX", np.nan), "non-finite"),
-        "psf-ghsigx-zero": (_coeff("GHSIGX", 0.0, constant=True), "GHSIGX"),
-        "psf-ghsigy-negative": (_coeff("GHSIGY", -1.1, constant=True), "not positive"),
-        "psf-hsizex-negative": (_header("PSF", "HSIZEX", -3), "HSIZEX = -3 must be >= 1"),
-        "psf-npix-x-text": (_header("PSF", "NPIX_X", "wide"), "NPIX_X = 'wide' is not an integer"),
-        "psf-wave-swapped": (_swap_wave, "swapped"),
+        "psf-ghsigx-nan": (_set_coeff("GHSIGX", np.nan, (2, 0)), "non-finite"),
+        "psf-ghsigx-zero": (_flat_width("GHSIGX", 0.0), "GHSIGX"),
+        "psf-ghsigy-negative": (_flat_width("GHSIGY", -1.1), "not positive"),
+        "psf-hsizex-negative": (_set_header("PSF", "HSIZEX", -3), "HSIZEX = -3 must be >= 1"),
+        "psf-npix-x-text": (_set_header("PSF", "NPIX_X", "wide"), "NPIX_X = 'wide' is not an integer"),
+        "psf-wave-swapped": (_swap_wave("PSF"), "swapped"),
         "psf-xtrace-nan": (_nan_xtrace, "HDU XTRACE has 1 non-finite"),
         "psf-as-image": (_psf_as_image, "HDU PSF is an image"),
     }
@@ -134,15 +101,6 @@ def _bad_psfs(d: Path, name: str, image: str, psf: str) -> dict:
     cut.write_bytes(data[: len(data) - 2880])
     out["psf-truncated"] = (image, str(cut), "the file is truncated")
     return out
-
-
-def _with_card(src: str, dst: Path, key: str, raw: str) -> str:
-    """A copy of ``src`` with the header card of ``key`` replaced by the raw 80 bytes ``raw``."""
-    data = bytearray(Path(src).read_bytes())
-    i = data.index(key.ljust(8).encode() + b"=")
-    data[i:i + 80] = raw.ljust(80).encode()
-    dst.write_bytes(bytes(data))
-    return str(dst)
 
 
 def _bad_preprocs(d: Path, name: str, image: str, pre, psf: str) -> dict:

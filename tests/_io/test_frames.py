@@ -11,6 +11,7 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
+from _badfiles import _with_card
 from jaxspec._io import frames as fio
 from jaxspec._io.frames import (
     Frame,
@@ -578,15 +579,6 @@ def test_camera_keys(psf_path, tmp_path):
 
 
 # ---------------------------------------------------------------- bad preproc input (issue 15)
-
-
-def _with_card(src, dst, key, raw):
-    """Copy ``src`` with the header card of ``key`` replaced by the raw 80-byte ``raw``."""
-    data = bytearray(src.read_bytes())
-    i = data.index(key.ljust(8).encode() + b"=")
-    data[i:i + 80] = raw.ljust(80).encode()
-    dst.write_bytes(bytes(data))
-    return dst
 
 
 def test_read_preproc_unparsable_header_card(tmp_path):

@@ -3,6 +3,7 @@ import pytest
 from astropy.io import fits
 
 from jaxspec.psf import GaussHermitePSF, desi_like_psf, read_psf, write_psf
+from _badfiles import _flat_width, _nan_xtrace, _psf_as_image, _set_coeff, _set_header, _swap_wave
 
 
 def _same(a, b):
@@ -102,54 +103,6 @@ def good_psf(tmp_path_factory):
     path = tmp_path_factory.mktemp("psf") / "good.fits"
     write_psf(path, desi_like_psf(7))
     return path
-
-
-def _param_row(hl, name):
-    names = [str(n).strip() for n in hl["PSF"].data["PARAM"]]
-    return names.index(name)
-
-
-def _set_coeff(name, value, index=(Ellipsis,)):
-    def edit(hl):
-        coeff = np.array(hl["PSF"].data["COEFF"])
-        row = coeff[_param_row(hl, name)]
-        row[index] = value
-        hl["PSF"].data["COEFF"] = coeff
-    return edit
-
-
-def _set_header(hdu, key, value):
-    def edit(hl):
-        hl[hdu].header[key] = value
-    return edit
-
-
-def _psf_as_image(hl):
-    hdr = fits.Header([c for c in hl["PSF"].header.cards
-                       if c.keyword not in ("XTENSION", "BITPIX", "PCOUNT", "GCOUNT", "TFIELDS")
-                       and not c.keyword.startswith(("NAXIS", "TTYPE", "TFORM", "TDIM"))])
-    hl["PSF"] = fits.ImageHDU(np.array(hl["PSF"].data["COEFF"]).reshape(-1, 3), header=hdr, name="PSF")
-
-
-def _nan_xtrace(hl):
-    hl["XTRACE"].data[3, 1] = np.nan
-
-
-def _swap_wave(hdu):
-    def edit(hl):
-        h = hl[hdu].header
-        h["WAVEMIN"], h["WAVEMAX"] = h["WAVEMAX"], h["WAVEMIN"]
-    return edit
-
-
-def _flat_width(name, value):
-    """Set the width ``name`` to the constant ``value`` for fiber 2 (Legendre c0 only)."""
-    def edit(hl):
-        coeff = np.array(hl["PSF"].data["COEFF"])
-        coeff[_param_row(hl, name), 2, :] = 0.0
-        coeff[_param_row(hl, name), 2, 0] = value
-        hl["PSF"].data["COEFF"] = coeff
-    return edit
 
 
 BAD_PSFS = {
