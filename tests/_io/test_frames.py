@@ -459,13 +459,15 @@ def test_atomic_write_failure_leaves_destination_unchanged(tmp_path, monkeypatch
     write_frame(path, **a)
     before = path.read_bytes()
 
-    real_writeto = fits.HDUList.writeto
+    import jaxspec._io.frames as frames_mod
 
-    def exploding_writeto(self, fileobj, *args, **kwargs):
-        real_writeto(self, fileobj, *args, **kwargs)  # a full temp file exists ...
-        raise RuntimeError("disk on fire")            # ... then the write "fails"
+    real_write = frames_mod.write_hdus
 
-    monkeypatch.setattr(fits.HDUList, "writeto", exploding_writeto)
+    def exploding_write(fh, hdus):
+        real_write(fh, hdus)                 # a full temp file exists ...
+        raise RuntimeError("disk on fire")   # ... then the write "fails"
+
+    monkeypatch.setattr(frames_mod, "write_hdus", exploding_write)
     b = _frame_arrays(nspec=2, nwave=6, ndiag=3)
     with pytest.raises(RuntimeError, match="disk on fire"):
         write_frame(path, overwrite=True, **b)

@@ -33,7 +33,6 @@ Safety rules shared by every writer
 from __future__ import annotations
 
 import importlib.metadata
-import io
 import os
 import platform
 import re
@@ -49,6 +48,7 @@ from astropy.units import UnitsWarning
 
 from . import maskbits
 from .atomic import atomic_write, check_output_path
+from .fitsstream import write_hdus
 from .iowarning import FrameIOWarning
 
 __all__ = [
@@ -209,15 +209,13 @@ class Frame:
 
 
 def _atomic_writeto(hdul: fits.HDUList, path: str | os.PathLike, overwrite: bool) -> str:
-    """Write ``hdul`` through :func:`~jaxspec._io.atomic.atomic_write` (checksums, verified)."""
-    def write(fh):
-        # serialise in memory first: a full disk then fails in our own write, with a
-        # clean OSError naming the file (astropy's own handler raises AttributeError)
-        buf = io.BytesIO()
-        hdul.writeto(buf, checksum=True, output_verify="exception")
-        fh.write(buf.getbuffer())
+    """Write ``hdul`` through :func:`~jaxspec._io.atomic.atomic_write` (checksums, verified).
 
-    return atomic_write(path, write, overwrite=overwrite)
+    Streamed by :func:`~jaxspec._io.fitsstream.write_hdus`: the same bytes as
+    astropy's ``writeto(checksum=True)``, image data outside the interpreter lock;
+    a full disk fails in our own write, with an OSError naming the file.
+    """
+    return atomic_write(path, lambda fh: write_hdus(fh, hdul), overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------
