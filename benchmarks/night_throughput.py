@@ -124,7 +124,7 @@ def _renamed(jobs, tag: str):
 
 def _means(summary) -> dict:
     recs = summary.records
-    keys = ("read_s", "geometry_s", "wait_s", "compute_s", "write_s")
+    keys = ("read_s", "geometry_s", "wait_s", "compute_s", "dispatch_s", "handoff_s", "write_s")
     return {k: sum(r[k] for r in recs) / len(recs) for k in keys}
 
 
@@ -317,6 +317,8 @@ def main() -> None:
     ap.add_argument("--modes", default="night", help="night and/or serial (comma-separated; default night)")
     ap.add_argument("--readers", type=int, default=2, help="reader threads (default 2)")
     ap.add_argument("--writers", type=int, default=2, help="writer threads (default 2)")
+    ap.add_argument("--sweep", default=None, metavar="RxW,...",
+                    help="night mode again with each READERSxWRITERS thread count, e.g. 2x2,3x2 (a count may repeat)")
     ap.add_argument("--repeat", type=int, default=3, help="repeats of each stage floor (default 3; 0: none)")
     ap.add_argument("--command", action="store_true", help="also run jaxspec extract-batch in a fresh process")
     ap.add_argument("--cold", type=int, default=0, metavar="K",
@@ -378,6 +380,10 @@ def main() -> None:
             raise SystemExit(f"--modes: unknown mode {m!r}")
         rows.append(run_mode(night, opts, m, m == "night", args.readers, args.writers))
         print(f"{m}: {rows[-1]['seconds']:.2f} s for {args.frames} frames")
+    for k, entry in enumerate(c for c in (args.sweep or "").split(",") if c):
+        nr, nw = (int(v) for v in entry.lower().split("x"))
+        rows.append(run_mode(night, opts, f"n{nr}x{nw}-{k}", True, nr, nw))
+        print(f"night {nr} readers x {nw} writers: {rows[-1]['seconds']:.2f} s for {args.frames} frames")
     if args.command:
         rows.append(run_command(night, args.wavelength, args.nspec, cache, "command"))
     report["rows"] = rows
@@ -397,6 +403,10 @@ def main() -> None:
                                                f"{r['compute_s']:7.2f} {r['write_s']:5.2f}")
         print(f"{r['mode']:8s} {r.get('wall_s', r['seconds']):7.2f} {r['s_per_frame']:8.3f} {per:12.0f}   "
               f"           {stages}")
+        if "dispatch_s" in r:
+            print(f"{'':8s} main thread per frame: dispatch {r['dispatch_s']:.2f}, fetch "
+                  f"{r['compute_s'] - r['dispatch_s']:.2f}, waiting for readers {r['wait_s']:.2f}, "
+                  f"for writers {r['handoff_s']:.2f} s")
     if floors:
         host = floors["read"]["min_s"] + floors["geometry"]["min_s"] + floors["write"]["min_s"]
         dv = floors["device"]["min_s"]

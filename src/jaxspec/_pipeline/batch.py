@@ -144,7 +144,8 @@ class BatchSummary:
             ('ok' or 'failed'), error, rank, read_s (checks and reading), geometry_s
             (cutting the patches; 0 when cached), wait_s (the main thread waiting for
             the readers), compute_s (the main thread's time on the frame: dispatch and
-            waiting for its results), write_s.
+            waiting for its results), dispatch_s (of which queueing its device work),
+            handoff_s (the main thread waiting for a free writer), write_s.
     """
 
     total: int
@@ -567,7 +568,9 @@ def run_batch(
         if w.rank == u.root:
             if ok:
                 if overlap:
+                    t0 = time.perf_counter()
                     writer.put(rec, ld, arrays, opts, overwrite)
+                    rec["handoff_s"] = time.perf_counter() - t0
                 else:
                     record(*_do_write(rec, ld, arrays, opts, overwrite))
             else:
@@ -576,17 +579,18 @@ def run_batch(
             finished()
 
     loader = _Loader(jobs, opts)
-    reader = _Reader(loader, mine, workers=readers) if overlap else None
-    writer = _Writer(record, workers=writers) if overlap else None
-    source = reader if overlap else ((u, _safe(loader, u)) for u in mine)
+    reader = writer = None
     queued = None  # the frame whose device work is queued and whose results are not fetched yet
     try:
+        reader = _Reader(loader, mine, workers=readers) if overlap else None
+        writer = _Writer(record, workers=writers) if overlap else None
+        source = reader if overlap else ((u, _safe(loader, u)) for u in mine)
         t_wait = time.perf_counter()
         for u, ld in source:
             frame = jobs[u.index]
             rec = dict(index=u.index, image=frame.image, output=frame.output, status="failed", error=None,
                        rank=w.rank, read_s=0.0, geometry_s=0.0, wait_s=time.perf_counter() - t_wait,
-                       compute_s=0.0, write_s=0.0)
+                       compute_s=0.0, dispatch_s=0.0, handoff_s=0.0, write_s=0.0)
             t0 = time.perf_counter()
             ok, err, arrays, prep = True, None, None, None
             pipelined = overlap and u.nparts == 1
@@ -604,7 +608,7 @@ def run_batch(
             if u.nparts > 1:
                 ok, err, arrays = gather_parts(gcomm, ok, err, arrays, ld.first if prep else 0,
                                                ld.n if prep else 0)
-            rec["compute_s"] = time.perf_counter() - t0
+            rec["compute_s"] = rec["dispatch_s"] = time.perf_counter() - t0
             # this frame's work is queued on the device: now wait for the previous one's
             if queued is not None:
                 settle(*queued, queued=True)
