@@ -134,8 +134,10 @@ def run_mode(jobs, opts, tag: str, overlap: bool, readers: int, writers: int) ->
     s = batch.run_batch(_renamed(jobs, tag), opts, overlap=overlap, readers=readers, writers=writers)
     if s.failed:
         raise SystemExit(f"{tag}: {s.failed} frame(s) failed: {s.failures()[:3]}")
+    keys = ("read_s", "geometry_s", "wait_s", "compute_s", "dispatch_s", "handoff_s", "write_s")
+    per_frame = [{k: round(r[k], 4) for k in keys} for r in s.records]
     return dict(mode=tag, frames=s.done, seconds=s.seconds, s_per_frame=s.seconds / s.done,
-                frames_per_hour=3600.0 * s.done / s.seconds, **_means(s))
+                frames_per_hour=3600.0 * s.done / s.seconds, **_means(s), per_frame=per_frame)
 
 
 def stage_floors(jobs, opts, repeat: int, work: Path) -> dict:
