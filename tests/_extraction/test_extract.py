@@ -237,15 +237,16 @@ def test_gpu_matches_cpu(ref_path, psf_path):
         np.testing.assert_allclose(gpu[k], cpu[k], rtol=1e-10, atol=1e-10 * np.abs(cpu[k]).max())
 
 
-def test_cpu_dense_kernel_equals_the_banded_kernel(small_frame, monkeypatch):
-    """On a CPU the kernel assembles and solves the dense normal matrix (faster there); the
-    accelerators' banded kernel, forced here on the CPU, gives the same frame to 1e-10."""
+def test_cpu_kernel_equals_the_accelerator_kernel(small_frame, monkeypatch):
+    """On a CPU the kernel assembles the normal equations one offset per step (faster
+    there); the accelerators' fused assembly, forced here on the CPU, gives the same frame
+    to 1e-10."""
     import jaxspec._extraction.extract as ex_mod
 
-    dense = _extract_small(small_frame)
+    cpu = _extract_small(small_frame)
     monkeypatch.setattr(ex_mod, "_platform", lambda x: "gpu")
-    banded = _extract_small(small_frame)
+    fused = _extract_small(small_frame)
     for name in ("flux", "ivar", "resolution", "chi2pix"):
-        a, b = np.asarray(getattr(dense, name)), np.asarray(getattr(banded, name))
+        a, b = np.asarray(getattr(cpu, name)), np.asarray(getattr(fused, name))
         assert np.all(np.isfinite(a)) and np.abs(a).max() > 0, name
         np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-10 * np.abs(a).max(), err_msg=name)

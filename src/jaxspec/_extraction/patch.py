@@ -27,7 +27,7 @@ import numpy as np
 from ..psf import PSF
 from ..solve import solve_patch
 from .geometry import PatchGeometry
-from .projection import gather_box, model_box, normal_equations, normal_equations_dense, pixel_diagnostics
+from .projection import gather_box, model_box, normal_equations, pixel_diagnostics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +44,10 @@ class _Static:
     #: fibers a patch keeps (its own, not its neighbours): only these are decorrelated;
     #: None decorrelates every slot
     nkeep: int | None = None
-    #: assemble and solve the dense (n, n) normal matrix instead of its block band: faster
-    #: on CPUs (measured on the 2-core machine: the reference cases 0.60/0.38 s dense,
-    #: 0.71/0.53 s banded), the same results to rounding
+    #: the CPU's kernel: the normal equations assembled one (fiber, bin) offset per step
+    #: (``normal_equations(offset_group=1)``, a loop XLA:CPU runs faster than the fused
+    #: gather of every offset), then the same block-band solve as on accelerators; the
+    #: same results to rounding (docs/performance.md, "CPU (2-core CI machine)")
     dense: bool = False
 
 
@@ -136,8 +137,8 @@ def _solve_one_patch(psf: PSF, image, ivar, inputs, regularize, minweight_frac, 
         iv = jnp.where(inside, iv, 0.0)
         img = jnp.where(inside, img, 0.0)
     with jax.named_scope("normal_equations"):
-        assemble = normal_equations_dense if static.dense else normal_equations
-        q, y, fluxweight = assemble(stamps, cy, cx, valid, img, iv, static.band, static.fiber_band)
+        q, y, fluxweight = normal_equations(stamps, cy, cx, valid, img, iv, static.band, static.fiber_band,
+                                            offset_group=1 if static.dense else None)
     with jax.named_scope("solve"):
         sol = solve_patch(
             q, y, fluxweight, valid.reshape(-1), static.nfiber, static.nbin, static.ndiag,
@@ -162,7 +163,13 @@ def _solve_chunk(psf, image, ivar, inputs, regularize, minweight_frac, psferr, s
 
 
 def default_chunk_size() -> int:
-    """Patches per compiled call: larger on accelerators, modest on CPUs."""
-    return 512 if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else 64
+    """Patches per compiled call: many on accelerators, two on CPUs.
+
+    On a CPU a patch's padded stamps take ~7 MB at the reference settings: two
+    patches' fit the cache that every offset of the assembly gathers from (2-core
+    machine, reference cases: 0.40/0.24 s with two per call, 0.43/0.32 s with all 20
+    in one; docs/performance.md, "CPU (2-core CI machine)").
+    """
+    return 512 if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else 2
 
 

@@ -67,6 +67,9 @@ def normal_equations(
             (default: all of them, one fused gather and product, whose intermediate
             XLA does not form); smaller groups loop over them.  H200, reference
             settings, s per frame: all 0.075, 29 (two steps) 0.073, 4 0.088, 1 0.143.
+            XLA:CPU is the other way round: one offset per step (1) is the CPU's
+            kernel (2-core machine, reference case f000-024, 20 patches per call:
+            1 0.43 s, all 0.71 s).
 
     Returns:
         Qb (F, w + 1, K, K) with ``Qb[f, d] = Q[fiber f, fiber f - d]`` and
@@ -114,74 +117,9 @@ def normal_equations(
     return flat[_band_index(nf, nk, fband, band)], rhs, fluxweight
 
 
-def normal_equations_dense(
-    stamps: Float[Array, "F K ny nx"],
-    cy: Int[Array, "F K"],
-    cx: Int[Array, "F K"],
-    valid: Bool[Array, "F K"],
-    image: Float[Array, "NYm NXm"],
-    ivar: Float[Array, "NYm NXm"],
-    band: int,
-    fiber_band: int | None = None,
-) -> tuple[Float[Array, "n n"], Float[Array, " n"], Float[Array, " n"]]:
-    """:func:`normal_equations` with ``Q`` dense (n, n): a scan over the (fiber, bin) offsets.
-
-    The CPU's kernel (:class:`jaxspec._extraction.patch._Static` ``dense``): on XLA:CPU this
-    scan and one dense factorisation beat the fused gather and the block products of the
-    banded path; the values are the same to rounding.
-
-    Args:
-        stamps: spots of the patch's F fibers x K bins (zero for padding).
-        cy, cx: stamp corners in margin-box coordinates.
-        valid: False for padding unknowns.
-        image, ivar: the patch's margin box (ivar 0 outside the real box).
-        band: static; bins further apart than this never share a pixel.
-        fiber_band: static; fibers further apart than this never share a pixel
-            (default: any two fibers of the patch may).
-
-    Returns:
-        Q (n, n), y (n,), fluxweight (n,) with n = F * K, unknowns fiber-major.
-
-    Each unordered pair of unknowns within (fiber_band, band) of each other is
-    visited once, as one (fiber offset, bin offset) step of a scan over all
-    unknowns; Q is filled symmetrically from those values.
-    """
-    nf, nk, ny, nx = stamps.shape
-    n = nf * nk
-    fband = nf - 1 if fiber_band is None else min(int(fiber_band), nf - 1)
-    s, cy, cx, sw, rhs, fluxweight = _weighted_stamps(stamps, cy, cx, valid, image, ivar)
-
-    offsets = jnp.asarray(_offsets(fband, band))
-    # stamps padded by one stamp each side: a shifted copy is a plain slice
-    spad = jnp.pad(s, ((0, 0), (ny, ny), (nx, nx)))
-    fi = jnp.arange(n, dtype=jnp.int32) // nk
-    ki = jnp.arange(n, dtype=jnp.int32) % nk
-
-    def overlap(_, off):
-        df, dk = off[0], off[1]
-        fj, kj = fi + df, ki + dk
-        ok = (fj < nf) & (kj >= 0) & (kj < nk)
-        j = jnp.clip(fj, 0, nf - 1) * nk + jnp.clip(kj, 0, nk - 1)
-        oy = cy[j] - cy
-        ox = cx[j] - cx
-        ok = ok & (jnp.abs(oy) < ny) & (jnp.abs(ox) < nx)
-        shifted = jax.vmap(lambda jj, a, b: jax.lax.dynamic_slice(spad[jj], (a, b), (ny, nx)))(
-            j, jnp.clip(ny - oy, 0, 2 * ny), jnp.clip(nx - ox, 0, 2 * nx)
-        )
-        vals = jnp.where(ok, jnp.sum(sw * shifted, axis=(1, 2)), 0.0)
-        return None, (vals, jnp.where(ok, j, n))
-
-    _, (vals, cols) = jax.lax.scan(overlap, None, offsets)  # (noff, n) each
-    rows = jnp.broadcast_to(jnp.arange(n, dtype=cols.dtype)[None, :], cols.shape)
-    q = jnp.zeros((n, n), stamps.dtype)
-    q = q.at[rows, cols].set(vals, mode="drop")
-    q = q.at[cols, rows].set(vals, mode="drop")  # the mirror (the diagonal is set twice, to one value)
-    return q, rhs, fluxweight
-
-
 def _weighted_stamps(stamps, cy, cx, valid, image, ivar):
     """The flat (n, ny, nx) stamps S (padding zeroed), corners (n,), ``S W`` and its sums:
-    ``y = sum S W p`` and fluxweight ``= sum S W`` (n,) each; shared by both assemblies."""
+    ``y = sum S W p`` and fluxweight ``= sum S W`` (n,) each."""
     nf, nk, ny, nx = stamps.shape
     n = nf * nk
     s = jnp.where(valid[..., None, None], stamps, 0.0).reshape(n, ny, nx)
