@@ -268,7 +268,7 @@ def extract_patches(
         ndiag=geom.ndiag,
         decorrelate=decorrelate,
         nkeep=max(1, int((geom.out_fiber >= 0).sum(axis=1).max())),
-        dense=_platform(canvas_img) == "cpu",
+        offset_steps=_platform(canvas_img) == "cpu",
     )
     # keep every margin box inside the canvas (a fixed pad: two frames whose static
     # shapes agree get canvases of one shape, so they share the compiled program)

@@ -48,7 +48,7 @@ class _Static:
     #: (``normal_equations(offset_group=1)``, a loop XLA:CPU runs faster than the fused
     #: gather of every offset), then the same block-band solve as on accelerators; the
     #: same results to rounding (docs/performance.md, "CPU (2-core CI machine)")
-    dense: bool = False
+    offset_steps: bool = False
 
 
 def _round_up(n: int, m: int) -> int:
@@ -138,7 +138,7 @@ def _solve_one_patch(psf: PSF, image, ivar, inputs, regularize, minweight_frac, 
         img = jnp.where(inside, img, 0.0)
     with jax.named_scope("normal_equations"):
         q, y, fluxweight = normal_equations(stamps, cy, cx, valid, img, iv, static.band, static.fiber_band,
-                                            offset_group=1 if static.dense else None)
+                                            offset_group=1 if static.offset_steps else None)
     with jax.named_scope("solve"):
         sol = solve_patch(
             q, y, fluxweight, valid.reshape(-1), static.nfiber, static.nbin, static.ndiag,
