@@ -24,8 +24,12 @@ import os
 import pathlib
 import time
 
+import logging
+
 import jax
 
+logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+logging.getLogger("jaxspec.fit").setLevel(logging.INFO)
 jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
@@ -46,6 +50,7 @@ ap.add_argument("--wavelength", default=None, help="--full: wmin,wmax (default t
 ap.add_argument("--legdeg-wave", type=int, default=None, help="--full: wavelength degree (default the file's)")
 ap.add_argument("--trace-deg", type=int, default=None, help="--full: trace degree (default the file's)")
 ap.add_argument("--maxiter", type=int, default=20)
+ap.add_argument("--step-tol", type=float, default=0.1, help="--full: stop below this step [sigma]")
 ap.add_argument("--rows-per-block", type=int, default=128)
 ap.add_argument("--patches-per-call", type=int, default=64)
 ap.add_argument("--out", default=None, help="--full: write summary.json (and the fitted PSF) here")
@@ -75,11 +80,18 @@ def full_model():
               f"chi2/dof {st.reduced_chi2:.4f}", flush=True)
 
     t0 = time.perf_counter()
+
+    def iteration(b, it, c, st, lam):
+        if b == 0:
+            print(f"  {time.perf_counter() - t0:7.1f} s: bundle 0 iteration {it:2d} chi2 {c:.6g} step {st:.3g} sigma "
+                  f"lambda {lam:.1e}", flush=True)
+
     res = jaxspec.fit_psf_full(start, [arc], [flat], lines=lines, specmin=0, nspec=nspec,
                                bundlesize=args.bundlesize, waverange=wr, legdeg_wave=args.legdeg_wave,
-                               trace_deg=args.trace_deg, maxiter=args.maxiter, rows_per_block=args.rows_per_block,
+                               trace_deg=args.trace_deg, maxiter=args.maxiter, step_tol=args.step_tol,
+                               rows_per_block=args.rows_per_block,
                                patches_per_call=args.patches_per_call, bundle_progress=bundle_done,
-                               callback=lambda b, it, c, st, lam: None)
+                               callback=iteration)
     total = time.perf_counter() - t0
     fits = [f for f in res.fits if f is not None]
     comp = max(f.compile_seconds for f in fits) if fits else float("nan")
@@ -106,6 +118,12 @@ def full_model():
                    after_compile_s=total - comp, simulate_s=t_sim, bundles=rows)
     print(f"full-model fit: {len(res.bundles)} bundles in {total:.1f} s, compilation {comp:.1f} s, "
           f"after compilation {total - comp:.1f} s", flush=True)
+    fit = np.array([r["fit"] for r in rows])
+    print(f"worst bundle: x rms {fit[:, 0].max():.4f} px, y rms {fit[:, 1].max():.4f} px, max |spot diff| "
+          f"{fit[:, 2].max():.2e} (median bundle {np.median(fit[:, 0]):.4f}, {np.median(fit[:, 1]):.4f} px, "
+          f"{np.median(fit[:, 2]):.2e}); statuses {sorted({r['status'] for r in rows})}, iterations "
+          f"{[r['niter'] for r in rows]}, chi2/dof {min(r['rchi2'] for r in rows):.4f}-"
+          f"{max(r['rchi2'] for r in rows):.4f}", flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "summary.json"), "w") as fh:

@@ -7,7 +7,9 @@ PSF parameters are shared by the blocks: per-fiber offsets of the first
 model ``pc`` (every GHSIGX, GHSIGY and GH-i-j but GH-0-0 as a Legendre series of
 degree ``legdeg_fiber`` over the bundle's fibers and ``legdeg_wave`` in
 wavelength, added to the starting PSF's coefficients: the file's own form).
-The line fluxes and flat amplitudes are linear and local to a block.
+The line fluxes and flat amplitudes are linear and local to a block.  Pixels beyond
+the reach of the bundle's own stamps get no weight (``calib_patch(mask_neighbours=True)``):
+only the next bundle's fibers, which are not modelled, light them.
 
 A broken fiber (``broken_fibers``) stays in its bundle's patches with no light: its
 spots are zeroed, so its trace offsets and fluxes have zero Jacobian columns and are
@@ -30,7 +32,9 @@ Each Gauss-Newton iteration builds every block's ``J^T J``, ``J^T r``
 (:meth:`CalibPatch.normal_equations`), eliminates the block's linear
 parameters on the device (Schur complement), sums the reduced PSF systems,
 and takes a Levenberg-Marquardt step on the PSF parameters with the linear
-ones following at their conditional optimum.  The PSF covariance is the
+ones following at their conditional optimum.  A bundle stops when the next
+Gauss-Newton step is shorter than ``step_tol`` in sigma units
+(:func:`_distance_to_minimum`); its calls are then skipped.  The PSF covariance is the
 inverse of the summed reduced system (marginalised over fluxes).  The spots
 stay normalised (the model divides by the stamp sum, GH-0-0 is fixed); a step
 that makes a width non-positive gives a non-finite chi2 and is refused.
@@ -148,6 +152,24 @@ def _trial_chunk(patches: CalibPatch, tgp, dgp, tl, xg, xb):
     return jax.vmap(lambda p, t: p.chi2(p.unflatten(t)))(patches, th), tln
 
 
+def _distance_to_minimum(S: np.ndarray, R: np.ndarray) -> float:
+    """Length of the undamped Gauss-Newton step ``S^-1 R`` in sigma units, ``sqrt(R^T S^-1 R)``.
+
+    It bounds the step of every linear combination of the parameters in units of its
+    uncertainty (and is the chi2 decrease the step predicts, square-rooted); parameters
+    with an empty row of ``S`` are left out, a singular system gives infinity.
+    """
+    on = np.diag(S) > 1e-300
+    if not on.any():
+        return 0.0
+    sc = 1.0 / np.sqrt(np.diag(S)[on])
+    try:
+        g = np.linalg.solve(S[np.ix_(on, on)] * sc[:, None] * sc[None, :], R[on] * sc)
+    except np.linalg.LinAlgError:
+        return float("inf")
+    return float(np.sqrt(max(float(g @ (R[on] * sc)), 0.0)))
+
+
 def bundle_blocks(psf: GaussHermitePSF, fibers, waverange, rows_per_block: int) -> list[tuple[int, int, int, int]]:
     """Pixel boxes of a bundle's row blocks: one x range, rows ``rows_per_block`` at a time.
 
@@ -221,7 +243,7 @@ def _fit_bundles(psf_init, arcs, flats, bundles, broken, ids, *, lines, waverang
         raise ValueError("bundles fitted together must have the same number of fibers")
     kw = dict(lines=lines, what=("xtrace", "ytrace", "shape"), trace_deg=trace_deg, shape_terms=sterms,
               legdeg_fiber=legdeg_fiber, legdeg_wave=legdeg_wave, flat_deg=flat_deg, allow_no_lines=True,
-              bucket=16)
+              bucket=16, mask_neighbours=True)
     # every block of every bundle set up before any fitting
     boxes = [bundle_blocks(psf_init, fib, waverange, rows_per_block) for fib in bundles]
     first = [[calib_patch(psf_init, arcs, flats, fibers=fib, xyrange=b, broken_fibers=bb, **kw)[0] for b in bx]
@@ -250,6 +272,8 @@ def _fit_bundles(psf_init, arcs, flats, bundles, broken, ids, *, lines, waverang
     npix_p = np.array([int(np.count_nonzero(np.asarray(p.sqw))) for p in patches])
     npix = np.bincount(owner, weights=npix_p, minlength=B + 1)[:B]
     del patches, first
+    log.info("fit-psf: %d bundles set up as %d blocks (%d calls of %d) in %.1f s", B, nchunk * C, nchunk, C,
+             time.perf_counter() - t0)
     nseg = -(-C // nper) + 1
     first_owner = [int(owner[c * C]) for c in range(nchunk)]
     segs = [jnp.asarray(owner[c * C:(c + 1) * C] - first_owner[c], jnp.int32) for c in range(nchunk)]
@@ -261,9 +285,14 @@ def _fit_bundles(psf_init, arcs, flats, bundles, broken, ids, *, lines, waverang
     def per_bundle(vals):  # per-block values of all calls -> per-bundle sums
         return np.bincount(owner, weights=np.concatenate(vals), minlength=Bp)
 
-    def schur():
-        out = [_schur_chunk(chunks[c], jnp.asarray(tg[owner[c * C:(c + 1) * C]]), tl[c], segs[c], nseg)
-               for c in range(nchunk)]
+    cache = [None] * nchunk  # the last _schur_chunk output of every call
+
+    def schur(need):
+        """The reduced systems; only the calls holding a block of a bundle with ``need`` are recomputed."""
+        for c in range(nchunk):
+            if cache[c] is None or need[owner[c * C:(c + 1) * C]].any():
+                cache[c] = _schur_chunk(chunks[c], jnp.asarray(tg[owner[c * C:(c + 1) * C]]), tl[c], segs[c], nseg)
+        out = cache
         chi2 = per_bundle([np.asarray(o[0]) for o in out])
         S = np.zeros((Bp, npsf, npsf))
         R = np.zeros((Bp, npsf))
@@ -276,19 +305,30 @@ def _fit_bundles(psf_init, arcs, flats, bundles, broken, ids, *, lines, waverang
             np.add.at(R, owner[c * C:(c + 1) * C], np.asarray(o[2]))
         return chi2, S, R, [o[3] for o in out], [o[4] for o in out], [o[5] for o in out]
 
-    def trial(dg):
-        out = [_trial_chunk(chunks[c], jnp.asarray(tg[owner[c * C:(c + 1) * C]]),
-                            jnp.asarray(dg[owner[c * C:(c + 1) * C]]), tl[c], XG[c], XB[c]) for c in range(nchunk)]
-        return per_bundle([np.asarray(o[0]) for o in out]), [o[1] for o in out]
+    def trial(dg, active):
+        """chi2 per bundle after the steps ``dg``; calls without a block of an ``active`` bundle are skipped."""
+        vals, tln = [], []
+        for c in range(nchunk):
+            own = owner[c * C:(c + 1) * C]
+            if active[own].any():
+                o = _trial_chunk(chunks[c], jnp.asarray(tg[own]), jnp.asarray(dg[own]), tl[c], XG[c], XB[c])
+                vals.append(np.asarray(o[0]))
+                tln.append(o[1])
+            else:
+                vals.append(np.full(C, np.inf))
+                tln.append(tl[c])
+        return per_bundle(vals), tln
 
+    everyone = np.ones(Bp, bool)
     tc = time.perf_counter()
-    chi2, S, R, XG, XB, ACT = schur()
+    chi2, S, R, XG, XB, ACT = schur(everyone)
     t_first = time.perf_counter() - tc
     tl = [tl[c] + XB[c] for c in range(nchunk)]  # the linear parameters at their optimum for the start
     tc = time.perf_counter()
-    chi2, S, R, XG, XB, ACT = schur()
+    chi2, S, R, XG, XB, ACT = schur(everyone)
     t_second = time.perf_counter() - tc
-    trial_times = []
+    schur_times = []
+    trial_times, trial_calls = [], []
     lam = np.full(Bp, lam0)
     done = np.zeros(Bp, bool)
     done[B:] = True
@@ -302,7 +342,7 @@ def _fit_bundles(psf_init, arcs, flats, bundles, broken, ids, *, lines, waverang
             failed[b] = done[b] = True
             msg[b] = "non-finite chi2 at the start"
     report = callback or (lambda b, it, c, st, lm: log.info(
-        "fit-psf bundle fibers %d-%d: iter %2d chi2 %.6g (chi2/dof %.4f) step %.3g sigma lambda %.1e",
+        "fit-psf bundle fibers %d-%d: iter %2d chi2 %.6g (chi2/dof %.4f) next step %.3g sigma lambda %.1e",
         bundles[b][0], bundles[b][-1], it, c, c / max(npix[b] - npsf - nper * nloc, 1), st, lm))
     for b in range(B):
         report(b, 0, chi2[b], np.inf, 0.0)
@@ -320,8 +360,9 @@ def _fit_bundles(psf_init, arcs, flats, bundles, broken, ids, *, lines, waverang
             except np.linalg.LinAlgError:
                 lam[b] *= 10.0
         tc = time.perf_counter()
-        chi2_new, tl_new = trial(dg)
+        chi2_new, tl_new = trial(dg, ~done)
         trial_times.append(time.perf_counter() - tc)
+        trial_calls.append(int(sum((~done)[owner[c * C:(c + 1) * C]].any() for c in range(nchunk))))
         ok = ~done & np.isfinite(chi2_new) & (chi2_new <= chi2) & np.any(dg != 0, axis=1)
         for b in np.where(~done & ~ok)[0]:
             lam[b] *= 4.0
@@ -329,29 +370,32 @@ def _fit_bundles(psf_init, arcs, flats, bundles, broken, ids, *, lines, waverang
                 done[b] = converged[b] = True
         if not np.any(ok):
             continue
-        steps = {}
-        for b in np.where(ok)[0]:
-            d = np.diag(S[b])
-            on = d > 1e-300
-            sig = np.sqrt(np.abs(np.diag(np.linalg.inv(S[b][np.ix_(on, on)]))))
-            steps[b] = float(np.max(np.abs(dg[b, on]) / sig))
         oke = ok[owner]
         tg = np.where(ok[:, None], tg + dg, tg)
         tl = [jnp.where(jnp.asarray(oke[c * C:(c + 1) * C])[:, None], tl_new[c], tl[c]) for c in range(nchunk)]
         old = chi2.copy()
-        chi2, S, R, XG, XB, ACT = schur()
+        tc = time.perf_counter()
+        chi2, S, R, XG, XB, ACT = schur(ok)
+        schur_times.append(time.perf_counter() - tc)
         for b in np.where(ok)[0]:
             niter[b] += 1
             hist[b].append(float(chi2[b]))
-            report(b, int(niter[b]), chi2[b], steps[b], lam[b])
+            dist = _distance_to_minimum(S[b], R[b])
+            report(b, int(niter[b]), chi2[b], dist, lam[b])
             lam[b] = max(lam[b] / 5.0, 1e-12)
-            if steps[b] < step_tol or old[b] - chi2[b] < chi2_rtol * chi2[b]:
+            if dist < step_tol or old[b] - chi2[b] < chi2_rtol * chi2[b]:
                 done[b] = converged[b] = True
             elif niter[b] >= maxiter:
                 done[b] = True
     seconds = time.perf_counter() - t0
+    log.info("fit-psf: %d passes, trial %.2f s (median), reduced systems %.2f s (median; %.2f s the first, "
+             "compilation included), %.1f s in all", len(trial_times), np.median(trial_times or [0.0]),
+             np.median(schur_times or [0.0]), t_first, seconds)
     # compilation: the first call of each compiled function less a later one
-    compile_s = max(t_first - t_second, 0.0) + (max(trial_times[0] - trial_times[-1], 0.0) if len(trial_times) > 1 else 0.0)
+    # (a trial's time scales with the calls it evaluates: bundles that stopped are skipped)
+    per_call = [t / max(n, 1) for t, n in zip(trial_times[1:], trial_calls[1:])]
+    compile_s = max(t_first - t_second, 0.0) + (max(trial_times[0] - trial_calls[0] * float(np.median(per_call)), 0.0)
+                                                if per_call else 0.0)
     fits, statuses = [], []
     act = np.concatenate([np.asarray(a).sum(axis=1) for a in ACT])
     for b, fib in enumerate(bundles):
@@ -405,7 +449,7 @@ def fit_bundle(
     legdeg_wave: int | None = None,
     flat_deg: int = 2,
     maxiter: int = 20,
-    step_tol: float = 0.01,
+    step_tol: float = 0.1,
     chi2_rtol: float = 1e-9,
     lam0: float = 1e-3,
     patches_per_call: int = 16,
@@ -429,11 +473,14 @@ def fit_bundle(
         legdeg_wave: their degree in wavelength (default the file's: all its coefficients).
         flat_deg: Legendre degree of each fiber's flat amplitude inside a block.
         maxiter: Levenberg-Marquardt iterations at most, as in :func:`fit_psf`.
-        step_tol: stop when the largest parameter step is below this, as in :func:`fit_psf`.
+        step_tol: stop when the next Gauss-Newton step is shorter than this in sigma units
+            (``sqrt(R^T S^-1 R)`` of the reduced system: no combination of the parameters is
+            then further than ``step_tol`` of its uncertainty from the minimum).
         chi2_rtol: stop when chi2 changes by less than this fraction, as in :func:`fit_psf`.
         lam0: the first damping, as in :func:`fit_psf`.
         patches_per_call: blocks evaluated by one compiled call (memory).
-        callback: ``callback(bundle, iteration, chi2, step, lambda)`` (default: log at INFO).
+        callback: ``callback(bundle, iteration, chi2, distance, lambda)``, ``distance`` the next step's
+            length in sigma units (the stopping rule; default: log at INFO).
         broken_fibers: fibers of the bundle without light (specex's ``--broken-fibers``): not
             fitted, their spots not modelled, their coefficients the input's; the bundle's
             fiber-direction series is fitted to the other fibers (see the module docstring).
@@ -479,7 +526,7 @@ def fit_psf_full(
     legdeg_wave: int | None = None,
     flat_deg: int = 2,
     maxiter: int = 20,
-    step_tol: float = 0.01,
+    step_tol: float = 0.1,
     chi2_rtol: float = 1e-9,
     lam0: float = 1e-3,
     patches_per_call: int = 16,
@@ -510,12 +557,14 @@ def fit_psf_full(
     r = _resolve(psf_init, waverange=waverange, rows_per_block=rows_per_block, trace_deg=trace_deg,
                  shape_terms=shape_terms, legdeg_fiber=legdeg_fiber, legdeg_wave=legdeg_wave)
     bundles = [np.arange(s, min(s + bundlesize, specmin + nspec)) for s in range(specmin, specmin + nspec, bundlesize)]
+    t_check = time.perf_counter()
     pre = precheck_bundles(
         bundles, broken,
         lambda fib, bb: _check_bundle(psf_init, arcs, flats, fib, bb, lines=lines, waverange=r["waverange"],
                                       rows_per_block=rows_per_block, trace_deg=r["trace_deg"], flat_deg=flat_deg,
                                       legdeg_fiber=legdeg_fiber),
         specmin, bundlesize)
+    log.info("fit-psf: %d bundles checked in %.1f s", len(bundles), time.perf_counter() - t_check)
     fits, statuses = [None] * len(bundles), [None] * len(bundles)
     for i, st in pre.items():
         statuses[i] = st

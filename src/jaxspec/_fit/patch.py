@@ -111,6 +111,7 @@ class _Static:
     colors: tuple  # ((key, a, b), ...): see _colors
     shape_terms: tuple = ()  # parameter names of the rows of "pc" (full model)
     nsig: int = 0  # how many of shape_terms are widths (GHSIGX/GHSIGY): they differentiate the pixel integrals
+    nq: int = 0  # stamps that may reach one band row (the gather slots of CalibPatch._placement)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -179,7 +180,7 @@ class CalibPatch(eqx.Module):
     def sizes(self) -> dict:
         """The paddable sizes (``pad_to`` of :func:`calib_patch`)."""
         s = self.static
-        return dict(H=s.H, W=s.W, Wb=s.Wb, nline=s.nline, nsamp=s.nsamp, dmax=s.dmax)
+        return dict(H=s.H, W=s.W, Wb=s.Wb, nline=s.nline, nsamp=s.nsamp, dmax=s.dmax, nq=s.nq)
 
     def unflatten(self, theta):
         """dict of named parameters from the flat vector ``theta``."""
@@ -250,18 +251,51 @@ class CalibPatch(eqx.Module):
 
         return jax.vmap(jax.vmap(one))(vals, rows, cols)
 
-    def _scatter_sum(self, xmin, ymin, st, weights):
-        """``sum_k weights[e, f, k] st[f, k]`` into each fiber's band: ``(E, nf, H, Wb)``."""
+    def _valid(self, kind: str):
+        """``(K,)`` bool: the stamps of ``kind`` that carry light (not padding)."""
+        return self.lvalid if kind == "line" else jnp.any(self.fbasis != 0, axis=1)
+
+    def _placement(self, xmin, ymin, valid, ny: int, nx: int):
+        """Where each band pixel's light comes from, for :meth:`_place`.
+
+        For fiber ``f``, band row ``h`` and slot ``q < nq``: the stamp ``k`` (of the
+        ``(nf, K)`` stamps at ``xmin``, ``ymin``; ``valid`` ``(K,)``), its row ``j`` on
+        that band row, the band column of its first column, and whether the slot is
+        used; plus a flag set when more than ``nq`` stamps reach one row.
+        """
         s = self.static
-        ny, nx = st.shape[-2:]
-        rows, cols = self._band_index(xmin, ymin, ny, nx)  # (nf, K, ny), (nf, K, nx)
-        ok = (rows[..., :, None] < s.H) & (cols[..., None, :] < s.Wb)  # (nf, K, ny, nx)
-        size = s.H * s.Wb
-        flat = rows[..., :, None] * s.Wb + cols[..., None, :]
-        flat = jnp.where(ok, flat + size * jnp.arange(s.nf, dtype=flat.dtype)[:, None, None, None], s.nf * size)
-        vals = weights[..., None, None] * st[None]  # (E, nf, K, ny, nx)
-        out = jax.vmap(lambda v: jax.ops.segment_sum(v.reshape(-1), flat.reshape(-1), s.nf * size + 1))(vals)
-        return out[:, :-1].reshape(-1, s.nf, s.H, s.Wb)
+        i32 = jnp.int32
+        K = xmin.shape[-1]
+        r = ymin.astype(i32) - self.y0.astype(i32)  # (nf, K): band row of each stamp's first row
+        o = xmin.astype(i32) + (s.pad - self.x0.astype(i32)) - self.xlo.astype(i32)[:, None]  # first column
+        jj = jnp.arange(s.H, dtype=i32)[None, :, None] - r[:, None, :]  # (nf, H, K)
+        hit = (jj >= 0) & (jj < ny) & valid[None, None, :]
+        score = jnp.where(hit, K - jnp.arange(K, dtype=i32), 0)
+        top, k = jax.lax.top_k(score, min(s.nq, K))  # (nf, H, Q)
+        used = top > 0
+        j = jnp.clip(jnp.take_along_axis(jj, k, axis=2), 0, ny - 1)
+        col0 = jnp.take_along_axis(jnp.broadcast_to(o[:, None, :], jj.shape), k, axis=2)
+        over = jnp.max(jnp.sum(hit, axis=2)) > min(s.nq, K)
+        return k, j, col0, used, over, nx
+
+    def _place(self, pl, st, weights):
+        """``sum_k weights[e, f, k] st[f, k]`` into each fiber's band, ``(E, nf, H, Wb)``, by
+        gathers (:meth:`_placement`): band pixel ``(h, c)`` sums its ``nq`` slots.  NaN
+        when a row is reached by more stamps than slots (so the step is refused)."""
+        k, j, col0, used, over, nx = pl
+        s = self.static
+        c = jnp.arange(s.Wb, dtype=col0.dtype)[None, None, None, :] - col0[..., None]  # (nf, H, Q, Wb)
+        inside = (c >= 0) & (c < nx) & used[..., None]
+        fi = jnp.arange(s.nf)[:, None, None]
+        g = st[fi[..., None], k[..., None], j[..., None], jnp.clip(c, 0, nx - 1)]  # (nf, H, Q, Wb)
+        g = jnp.where(inside, g, 0.0)
+        wq = weights[:, fi, k]  # (E, nf, H, Q)
+        out = jnp.einsum("efhq,fhqc->efhc", wq, g)
+        return jnp.where(over, jnp.nan, out)
+
+    def _scatter_sum(self, kind, xmin, ymin, st, weights):
+        """``sum_k weights[e, f, k] st[f, k]`` of the ``kind`` stamps into each fiber's band: ``(E, nf, H, Wb)``."""
+        return self._place(self._placement(xmin, ymin, self._valid(kind), *st.shape[-2:]), st, weights)
 
     def _weights(self, params: dict) -> dict:
         """Photons per stamp: line ``(narc, nf, nline)``, flat ``(nflat, nf, nsamp)``."""
@@ -278,7 +312,7 @@ class CalibPatch(eqx.Module):
         """Model light of each fiber in its band: ``(nimg, nf, H, Wb)``."""
         st = self.stamps(self.corrected_psf(params))
         w = self._weights(params)
-        return jnp.concatenate([self._scatter_sum(*st[k], w[k]) for k in ("line", "flat") if k in st], axis=0)
+        return jnp.concatenate([self._scatter_sum(k, *st[k], w[k]) for k in ("line", "flat") if k in st], axis=0)
 
     def _free_psf(self, params: dict) -> dict:
         """The PSF variables derivatives are taken in: ``pc`` as per-fiber offsets, widths apart."""
@@ -363,7 +397,8 @@ class CalibPatch(eqx.Module):
             for c, (col, _, _) in enumerate(cols):
                 dst[col] = {k: d[k][c] for k in kinds}
         nimg = s.narc + s.nflat
-        bands = jnp.concatenate([self._scatter_sum(*primal[k], w[k]) for k in kinds], axis=0)
+        pls = {k: self._placement(primal[k][0], primal[k][1], self._valid(k), *primal[k][2].shape[-2:]) for k in kinds}
+        bands = jnp.concatenate([self._place(pls[k], primal[k][2], w[k]) for k in kinds], axis=0)
         jac = []
         if s.colors:
             basis = {}
@@ -371,28 +406,35 @@ class CalibPatch(eqx.Module):
                 if key in ("dx", "dy", "pc"):
                     n = shp[1] if key != "pc" else shp[2]
                     basis[key] = {k: self._wave_basis(k, key, n) for k in kinds}
-            cols_out = []
+            # colours sharing one stamp derivative (coefficients k > 0 of a trace or shape
+            # term: that of k = 0, photons times P_k(t)) are placed by one gather
+            users = {}
             for col in s.colors:
                 key, a, b = col
+                if key in ("dx", "dy"):
+                    users.setdefault((key, 0, 0), []).append((col, key, a))
+                elif key == "pc":
+                    users.setdefault((key, a, 0), []).append((col, key, b))
+                else:
+                    users.setdefault(col, []).append((col, key, 0))
+            placed = {}
+            for src, cols in users.items():
                 per_kind = []
                 for k in kinds:
-                    xmin, ymin, _ = primal[k]
-                    if key in ("dx", "dy") and a > 0:
-                        src, wk = dst[(key, 0, 0)][k], w[k] * basis[key][k][:, a][None, None, :]
-                    elif key == "pc" and b > 0:
-                        src, wk = dst[(key, a, 0)][k], w[k] * basis[key][k][:, b][None, None, :]
-                    else:
-                        src, wk = dst[col][k], w[k]
-                    per_kind.append(self._scatter_sum(xmin, ymin, src, wk))  # (ne, nf, H, Wb)
-                cols_out.append(jnp.concatenate(per_kind, axis=0))
-            jac.append(jnp.stack(cols_out, axis=-1))  # (nimg, nf, H, Wb, ncolor)
+                    wk = jnp.concatenate([w[k] if c == 0 else w[k] * basis[key][k][:, c][None, None, :]
+                                          for _, key, c in cols], axis=0)  # (ncol * ne, nf, K)
+                    out = self._place(pls[k], dst[src][k], wk)
+                    per_kind.append(out.reshape((len(cols), -1) + out.shape[1:]))
+                for i, (col, _, _) in enumerate(cols):
+                    placed[col] = jnp.concatenate([pk[i] for pk in per_kind], axis=0)  # (nimg, nf, H, Wb)
+            jac.append(jnp.stack([placed[col] for col in s.colors], axis=-1))  # (nimg, nf, H, Wb, ncolor)
         if s.narc:
             lines = self._scatter_each(*primal["line"])  # (nf, nline, H, Wb)
             onehot = jnp.eye(nimg, s.narc, dtype=bands.dtype)  # image m is arc a
             jac.append(jnp.einsum("ma,ilhw->mihwal", onehot, lines).reshape(nimg, s.nf, s.H, s.Wb, -1))
         if s.nflat:
             xmin, ymin, st = primal["flat"]
-            fb = self._scatter_sum(xmin, ymin, st, jnp.broadcast_to(self.fbasis.T[:, None, :], (s.nbasis, s.nf, s.nsamp)))
+            fb = self._place(pls["flat"], st, jnp.broadcast_to(self.fbasis.T[:, None, :], (s.nbasis, s.nf, s.nsamp)))
             onehot = jnp.eye(nimg, s.nflat, k=-s.narc, dtype=bands.dtype)
             jac.append(jnp.einsum("ma,bihw->mihwab", onehot, fb).reshape(nimg, s.nf, s.H, s.Wb, -1))
         return bands, jnp.concatenate(jac, axis=-1)
@@ -823,6 +865,30 @@ def check_fiber_light(
                             100 * s / ref, kind, n)
 
 
+def _trace_np(coef, domain, fiber, v) -> np.ndarray:
+    """Trace-set rows on the host: the Legendre series of ``fiber`` (an int, or ``(nf,)`` for
+    ``(nf, len(v))``) at ``v`` (NumPy: the set-up of a CCD's blocks makes many such small calls
+    of ever-changing lengths)."""
+    t = (np.asarray(v, float) - float(domain[0])) * (2.0 / (float(domain[1]) - float(domain[0]))) - 1.0
+    return np.polynomial.legendre.legval(t, np.asarray(coef)[fiber].T)
+
+
+def neighbour_mask(psf: GaussHermitePSF, f0: int, nf: int, box, margin: float = 1.0) -> np.ndarray:
+    """``(H, W)`` of the box ``(xmin, xmax, ymin, ymax)``: 1 on the columns of each row that the
+    stamps of fibers ``f0 .. f0 + nf - 1`` reach (``hsizex + margin`` pixels beyond the traces of
+    the first and last fiber), 0 outside: there only fibers outside the patch, which are not
+    modelled, put light (e.g. the next bundle's first fiber, where the gap between bundles is
+    narrow).  Light of a neighbour closer than that is not removed."""
+    rows = np.arange(box[2], box[3], dtype=float)
+    cols = np.arange(box[0], box[1], dtype=float)[None, :]
+    reach = psf.hsizex + margin
+    edge = []
+    for f in (f0, f0 + nf - 1):
+        wave = np.clip(_trace_np(psf.wcoef, psf.ylim, f, rows), psf.wmin, psf.wmax)
+        edge.append(_trace_np(psf.xcoef, psf.xdomain, f, wave)[:, None])
+    return ((cols >= edge[0] - reach) & (cols <= edge[1] + reach)).astype(float)
+
+
 def calib_patch(
     psf_init: GaussHermitePSF,
     arcs: Sequence = (),
@@ -849,12 +915,13 @@ def calib_patch(
     allow_no_lines: bool = False,
     pad_to: dict | None = None,
     broken_fibers: BrokenFibers = None,
+    mask_neighbours: bool = False,
 ) -> tuple[CalibPatch, dict]:
     """Set up one fitting patch (see :func:`fit_psf` for the arguments).
 
     Shapes are rounded up (box to ``bucket`` pixels, line and flat-sample counts
     to fixed steps) so that patches of a CCD share one compiled function;
-    ``pad_to`` (``{"H", "W", "Wb", "nline", "nsamp", "dmax"}`` minimums, e.g. the largest
+    ``pad_to`` (``{"H", "W", "Wb", "nline", "nsamp", "dmax", "nq"}`` minimums, e.g. the largest
     over a bundle's blocks, see :attr:`CalibPatch.sizes`) pads further so that
     patches can be stacked and vmapped.  With ``"shape"`` in ``what`` (the full
     model, :func:`apply_psf_params`'s ``pc``): ``shape_terms`` (default
@@ -864,6 +931,8 @@ def calib_patch(
     ``broken_fibers`` (:func:`check_broken_fibers`): fibers of the patch without light;
     their spots are not modelled, their corrections and fluxes are held at 0 (their
     Jacobian columns are zero), the others are fitted as usual.
+    ``mask_neighbours``: give no weight to the pixels beyond the reach of the patch's own
+    stamps (:func:`neighbour_mask`), where only unmodelled fibers outside the patch put light.
 
     Returns:
         ``(patch, meta)``: the :class:`CalibPatch` and ``{"box": (xmin, xmax,
@@ -946,17 +1015,29 @@ def calib_patch(
         fb = np.zeros((nsamp, nbasis))
         fb[: len(fwave)] = basis
 
+    # gather slots: the most stamps (of one kind) reaching one band row, with room for trace shifts
+    nq = 0
+    for wv in ([] if lw is None else [lw[lv]]) + ([] if fw is None else [fw[: len(fwave)]]):
+        r = np.floor(_trace_np(psf_init.ycoef, psf_init.ydomain, fibers, wv) - psf_init.hsizey).astype(int) - box[2]
+        L = H + 2 * ny + 2  # stamp k covers band rows r .. r + ny - 1: +1 at r, -1 at r + ny, summed up
+        at = np.arange(nf)[:, None] * L + ny + 1
+        cnt = (np.bincount((at + np.clip(r, -ny - 1, H + ny)).ravel(), minlength=nf * L)
+               - np.bincount((at + np.clip(r + ny, -ny - 1, H + ny)).ravel(), minlength=nf * L))
+        nq = max(nq, int(np.cumsum(cnt.reshape(nf, L), axis=1).max()))
+    nq = max(_round_up(nq + 4, 4), int(pad_to.get("nq", 0)))
+
     data = np.zeros((len(inputs), H, W + 2 * pad))
     sqw = np.zeros_like(data)
+    keep = neighbour_mask(psf_init, f0, nf, box) if mask_neighbours else 1.0
     for m, (d, w) in enumerate(inputs):
         data[m, :, pad:pad + W] = d
-        sqw[m, :, pad:pad + W] = np.sqrt(w)
+        sqw[m, :, pad:pad + W] = np.sqrt(w) * keep
 
     pshapes = _psf_shapes(nf, what, trace_deg, len(gh_terms), per_fiber_gh, shape)
     static = _Static(
         nf=nf, H=H, W=W, Wb=Wb, pad=pad, narc=narc, nflat=nflat, nline=nline, nsamp=nsamp,
         nbasis=nbasis, dmax=dmax, psf_shapes=tuple((k, tuple(v)) for k, v in pshapes.items()),
-        gh_terms=gh_terms, colors=_colors(pshapes), shape_terms=sterms, nsig=nsig,
+        gh_terms=gh_terms, colors=_colors(pshapes), shape_terms=sterms, nsig=nsig, nq=nq,
     )
     dt = jnp.result_type(float)
     patch = CalibPatch(
