@@ -128,10 +128,19 @@ def _means(summary) -> dict:
     return {k: sum(r[k] for r in recs) / len(recs) for k in keys}
 
 
-def run_mode(jobs, opts, tag: str, overlap: bool, readers: int, writers: int) -> dict:
+def run_mode(jobs, opts, tag: str, overlap: bool, readers: int, writers: int, profile: str | None = None) -> dict:
     from jaxspec._pipeline import batch
 
+    prof = None
+    if profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     s = batch.run_batch(_renamed(jobs, tag), opts, overlap=overlap, readers=readers, writers=writers)
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats(profile)
     if s.failed:
         raise SystemExit(f"{tag}: {s.failed} frame(s) failed: {s.failures()[:3]}")
     keys = ("read_s", "geometry_s", "wait_s", "compute_s", "dispatch_s", "handoff_s", "write_s")
@@ -328,6 +337,8 @@ def main() -> None:
     ap.add_argument("--cold-only", action="store_true", help="with --cold: only the cold-process runs")
     ap.add_argument("--make-only", default=None, metavar="JSON", help=argparse.SUPPRESS)  # the child of --cold
     ap.add_argument("--io", action="store_true", help="also time the ways of reading a preproc file")
+    ap.add_argument("--profile", default=None, metavar="FILE",
+                    help="cProfile the main thread during the night (not the first frame) into FILE")
     ap.add_argument("--workdir", default=None, help="where the files go (default: a temporary folder)")
     ap.add_argument("--cache", default=None, help="persistent compilation cache (default: WORKDIR/jax-cache)")
     ap.add_argument("--json", default=None, help="write every number to this file")
@@ -380,7 +391,8 @@ def main() -> None:
     for m in [m for m in args.modes.split(",") if m]:
         if m not in ("night", "serial"):
             raise SystemExit(f"--modes: unknown mode {m!r}")
-        rows.append(run_mode(night, opts, m, m == "night", args.readers, args.writers))
+        rows.append(run_mode(night, opts, m, m == "night", args.readers, args.writers,
+                             profile=args.profile if m == "night" else None))
         print(f"{m}: {rows[-1]['seconds']:.2f} s for {args.frames} frames")
     for k, entry in enumerate(c for c in (args.sweep or "").split(",") if c):
         nr, nw = (int(v) for v in entry.lower().split("x"))

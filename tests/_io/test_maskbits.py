@@ -113,3 +113,24 @@ def test_frame_mask_decoded_by_desispec():
     frac = np.array([[0.0, 0.7, 1.0]])
     m = maskbits.frame_mask(frac, None, np.ones((1, 3)))
     assert [mb.specmask.names(int(v)) for v in m[0]] == [[], ["SOMEBADPIX"], ["SOMEBADPIX", "ALLBADPIX"]]
+
+
+@pytest.mark.parametrize("shape", [(500, 2658), (7, 5), (1, 1), (4, 1)])
+def test_median_valid_is_nanmedian_to_the_bit(shape):
+    """The sort-based median equals np.nanmedian of the masked values exactly, along both axes,
+    with infinities, a row with no valid entry (NaN) and even and odd counts."""
+    import warnings
+
+    rng = np.random.default_rng(7)
+    v = rng.normal(size=shape) ** 2
+    v[rng.random(shape) < 0.01] = np.inf
+    valid = rng.random(shape) > 0.3
+    if shape[0] > 2:
+        valid[2] = False
+    for axis in (0, 1):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ref = np.nanmedian(np.where(valid, v, np.nan), axis=axis)
+        got = maskbits._median_valid(v, valid, axis)
+        assert got.shape == ref.shape
+        assert np.array_equal(got, ref, equal_nan=True)
