@@ -270,6 +270,14 @@ def simulate_arc(
     fiber); the others scale with their relative flux.  Lines outside the
     PSF's wavelength range are left out.  Poisson + Gaussian read noise.
 
+    The default is about half of one DESI 5 s arc: in those ("CALIB short Arcs all",
+    the arcs of DESI's nightly PSF, which averages the fits of about five) a central
+    r0 fiber gets ~5.7e4 electrons in Ne 6402 and ~1.05e5 in Ne 7032 (desihub/nightwatch
+    ``py/nightwatch/calib_files/CALIB-ARCS-20240701.json``; desihub/desispec
+    ``py/desispec/workflow/calibration_selection.py``, ``scripts/proc_joint_fit.py``).
+    ``peak_photons=6e4`` (Ne 6402 is this list's brightest r line) is one DESI arc;
+    docs/fitting.md ("Accuracy") compares the lines.
+
     Args:
         psf: the PSF that makes the image.
         lines: arc lines (default: :func:`arc_lines` over the PSF's range).
