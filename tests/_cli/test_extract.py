@@ -367,6 +367,7 @@ def test_desispec_reads_the_frame(e2e, sim):
 
 
 # --------------------------------------------------------------------------- reference cases
+@pytest.mark.slow
 @pytest.mark.parametrize("name", REF_CASES)
 def test_reference_case_in_full_ccd(name, ref_path, psf_path, tmp_path):
     """specter's reference sub-image placed at XMIN/YMIN of a full CCD (ivar 0 elsewhere).

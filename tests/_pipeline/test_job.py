@@ -232,6 +232,7 @@ def _assert_same(a: dict, b: dict):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)  # bit for bit (NaN where NaN)
 
 
+@pytest.mark.slow
 def test_exported_kernel_is_the_traced_kernel_bit_for_bit(tmp_path, monkeypatch):
     """ExportedSolve exports once per key into the cache folder, later reads it; the frame's arrays are
     the traced kernel's bit for bit; damaged files, a changed source and failures fall back."""

@@ -56,6 +56,7 @@ def _mpi_env(mpirun: str) -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_two_ranks_write_the_frames_of_one_process(mpi_run):
     """3 frames on 2 ranks (2 whole, 1 split over both): the files of a one-process run (to 1 float32 ulp)."""
     d, jobs, res = mpi_run
