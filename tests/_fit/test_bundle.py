@@ -2,7 +2,8 @@
 
 * the structured J^T J, J^T r of the full model (trace coefficients with k > 0
   and shape coefficients spread over the bundle's fiber Legendre series) equal
-  dense ``jax.jacfwd``;
+  dense ``jax.jacfwd``; their assembly by einsums equals the scatter-add it replaced; the
+  Gauss-Hermite columns in closed form (no tail terms) equal the forward-mode ones;
 * the gather placement of stamps into fiber bands equals a plain scatter;
 * the bundle's pixels that only the next bundle's fibers light get no weight;
 * from another night's PSF (psf-r0-00051060) to an arc + flat simulated from
@@ -12,13 +13,14 @@
 
 import dataclasses
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxspec
-from jaxspec._fit.patch import _normal_equations, calib_patch
+from jaxspec._fit.patch import _normal_equations, calib_patch, without_idle_tails
 from jaxspec._simulation.calib import arc_lines, simulate_arc, simulate_flat
 
 
@@ -56,6 +58,86 @@ def test_full_model_normal_equations_match_dense_autodiff(psf_path):
     scale = np.sqrt(np.outer(np.diag(J.T @ J), np.diag(J.T @ J))) + 1e-300
     np.testing.assert_allclose(jtj / scale, (J.T @ J) / scale, atol=1e-10)
     np.testing.assert_allclose(jtr, J.T @ r, rtol=1e-8, atol=1e-8 * np.abs(J.T @ r).max())
+
+
+def _scatter_assembly(patch, jtr_f, blocks):
+    """Reference: the scatter-add assembly the module used up to 2026-12-02 (every fiber-pair
+    block added into the dense J^T J at its theta indices, with its fiber-Legendre weights)."""
+    s = patch.static
+    idx, wts = patch._index_map()
+    n = patch.layout.size
+    jtr = np.zeros(n)
+    np.add.at(jtr, idx, jtr_f[:, :, None] * wts)
+    jtj = np.zeros((n, n))
+    for d in range(s.dmax + 1):
+        for f in range(s.nf - d):
+            gw = (blocks[d, f][:, None, :, None] * wts[f][:, :, None, None] * wts[f + d][None, None, :, :])
+            ii, jj = idx[f][:, :, None, None], idx[f + d][None, None, :, :]
+            np.add.at(jtj, (np.broadcast_to(ii, gw.shape), np.broadcast_to(jj, gw.shape)), gw)
+            if d > 0:
+                np.add.at(jtj, (np.broadcast_to(jj, gw.shape), np.broadcast_to(ii, gw.shape)), gw)
+    return jtj, jtr
+
+
+@pytest.mark.parametrize("what,kw", [
+    (("xtrace", "ytrace", "shape"), dict(trace_deg=2, shape_terms=("GHSIGX", "GHSIGY", "GH-1-1"), legdeg_wave=1)),
+    (("xtrace", "ytrace", "sigma", "gh"), dict(trace_deg=1)),  # GH terms shared by the fibers
+    (("xtrace", "ytrace", "sigma", "gh"), dict(trace_deg=1, per_fiber_gh=True)),
+])
+def test_einsum_assembly_equals_the_scatter(psf_path, what, kw):
+    """CalibPatch._assemble (einsums over the fiber Legendre weights, one-hot placement of the
+    fiber-pair blocks, a static gather) equals the scatter-add it replaced, to 1e-12, on random
+    blocks (symmetric for d = 0, as J_f^T J_f is) of a 5-fiber patch with bands overlapping
+    up to dmax."""
+    psf = jaxspec.read_psf(psf_path("psf-r0-00067784.fits"))
+    nf, wr = 5, (6380.0, 6400.0)
+    lines = arc_lines("r")
+    box = _box(psf, nf, wr, 15.0)
+    arc = simulate_arc(psf, lines, specmin=0, nspec=nf, xyrange=box, seed=1)
+    flat = simulate_flat(psf, specmin=0, nspec=nf, xyrange=box, seed=2)
+    patch, _ = calib_patch(psf, [arc], [flat], lines=lines, fibers=np.arange(nf), waverange=wr, what=what, **kw)
+    s = patch.static
+    assert s.dmax >= 2
+    na = patch._index_map()[0].shape[1]
+    rng = np.random.default_rng(7)
+    blocks = rng.normal(size=(s.dmax + 1, nf, na, na))
+    blocks[0] += np.swapaxes(blocks[0], 1, 2)
+    jtr_f = rng.normal(size=(nf, na))
+    want_a, want_b = _scatter_assembly(patch, jtr_f, blocks)
+    assemble = eqx.filter_jit(lambda p, a, b: p._assemble(a, b))
+    got_a, got_b = (np.asarray(v) for v in assemble(patch, jnp.asarray(jtr_f), jnp.asarray(blocks)))
+    assert np.abs(want_a).max() > 1
+    np.testing.assert_allclose(got_a, want_a, rtol=0, atol=1e-12 * np.abs(want_a).max())
+    np.testing.assert_allclose(got_b, want_b, rtol=0, atol=1e-12 * np.abs(want_b).max())
+
+
+@pytest.mark.slow
+def test_gh_derivatives_in_closed_form_equal_forward_mode(psf_path):
+    """Without tail terms (without_idle_tails: TAILAMP is 0 in the file) the band Jacobian's
+    Gauss-Hermite columns are computed in closed form; they equal the forward-mode ones of the
+    PSF with its tails to 1e-13 (full model and per-fiber GH offsets, a broken fiber), and the
+    bands are the same."""
+    psf = jaxspec.read_psf(psf_path("psf-r0-00051060.fits"))
+    nf, wr = 4, (6380.0, 6400.0)
+    lines = arc_lines("r")
+    box = _box(psf, nf, wr, 15.0)
+    arc = simulate_arc(psf, lines, specmin=0, nspec=nf, xyrange=box, seed=1)
+    flat = simulate_flat(psf, specmin=0, nspec=nf, xyrange=box, seed=2)
+    jac = eqx.filter_jit(lambda q, t: q.band_jacobian(q.unflatten(t)))
+    for what, kw in [(("xtrace", "ytrace", "shape"), dict(trace_deg=1, legdeg_wave=1,
+                                                         shape_terms=("GHSIGX", "GHSIGY", "GH-1-1", "GH-0-3"))),
+                     (("xtrace", "sigma", "gh"), dict(per_fiber_gh=True))]:
+        patch, _ = calib_patch(psf, [arc], [flat], lines=lines, fibers=np.arange(nf), waverange=wr, what=what,
+                               broken_fibers=[2], **kw)
+        bare = dataclasses.replace(patch, psf=without_idle_tails(patch.psf))
+        assert patch.psf.has_tails and not bare.psf.has_tails
+        rng = np.random.default_rng(3)
+        theta = jnp.asarray(rng.normal(0, 1e-3, patch.layout.size))
+        theta = theta.at[np.where(patch.layout.mask(("line_flux", "flat_amp")))[0]].set(1000.0)
+        b0, j0 = (np.asarray(v) for v in jac(patch, theta))
+        b1, j1 = (np.asarray(v) for v in jac(bare, theta))
+        np.testing.assert_array_equal(b1, b0)
+        np.testing.assert_allclose(j1, j0, rtol=0, atol=1e-13 * np.abs(j0).max())
 
 
 def test_apply_psf_params_full_model_is_a_fiber_legendre_series(psf_path):

@@ -30,12 +30,13 @@ damping, the bundles stepping in lockstep.
 
 Each Gauss-Newton iteration builds every block's ``J^T J``, ``J^T r``
 (:meth:`CalibPatch.normal_equations`), eliminates the block's linear
-parameters on the device (Schur complement), sums the reduced PSF systems,
-and takes a Levenberg-Marquardt step on the PSF parameters with the linear
-ones following at their conditional optimum.  A bundle stops when the next
-Gauss-Newton step is shorter than ``step_tol`` in sigma units
-(:func:`_distance_to_minimum`); its calls are then skipped.  The PSF covariance is the
-inverse of the summed reduced system (marginalised over fluxes).  The spots
+parameters on the device (Schur complement), sums the reduced PSF systems and
+takes a Levenberg-Marquardt step on the PSF parameters (all on the device, every
+bundle at once), the linear ones following at their conditional optimum.  A bundle
+stops when the next Gauss-Newton step is shorter than ``step_tol`` in sigma units
+(:func:`_distances`) or an accepted step lowered chi2 by less than ``chi2_atol``; its
+calls are then skipped.  The PSF covariance is the inverse of the summed reduced
+system (marginalised over fluxes).  The spots
 stay normalised (the model divides by the stamp sum, GH-0-0 is fixed); a step
 that makes a width non-positive gives a non-finite chi2 and is refused.
 """
@@ -43,6 +44,7 @@ that makes a width non-positive gives a non-finite chi2 and is refused.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -57,8 +59,8 @@ from ..psf._gausshermite import GaussHermitePSF
 from .ccd import (STATUS_FAILED, STATUS_NOT_CONVERGED, STATUS_OK, BundleStatus, CCDFit, bundle_id, precheck_bundles,
                   set_status_row)
 from .params import FiberIndices, apply_psf_params, shape_terms_of
-from .patch import (BrokenFibers, BundleInputError, CalibPatch, calib_patch, check_broken_fibers, check_fiber_light,
-                    check_patch)
+from .patch import (BrokenFibers, BundleInputError, CalibPatch, _host_patch, check_broken_fibers, check_fiber_light,
+                    check_patch, pad_host_patch, stack_host_patches, without_idle_tails)
 
 log = logging.getLogger("jaxspec.fit")
 
@@ -115,10 +117,6 @@ class BundleFit:
         return float(self.chi2 / max(self.ndata - self.npar, 1))
 
 
-def _stack(patches: Sequence[CalibPatch]) -> CalibPatch:
-    return jax.tree.map(lambda *a: jnp.stack(a), *patches)
-
-
 def _schur_one(patch: CalibPatch, theta, npsf: int):
     """One block: chi2 and its normal equations with the block's linear parameters eliminated."""
     chi2, a, b = patch.normal_equations(patch.unflatten(theta))
@@ -152,22 +150,63 @@ def _trial_chunk(patches: CalibPatch, tgp, dgp, tl, xg, xb):
     return jax.vmap(lambda p, t: p.chi2(p.unflatten(t)))(patches, th), tln
 
 
-def _distance_to_minimum(S: np.ndarray, R: np.ndarray) -> float:
-    """Length of the undamped Gauss-Newton step ``S^-1 R`` in sigma units, ``sqrt(R^T S^-1 R)``.
+@functools.partial(jax.jit, static_argnums=4)
+def _bundle_systems(ss, rs, seg_owner, owner, nb: int):
+    """Every bundle's reduced system from the calls' outputs, on the device: ``S`` ``(nb, npsf,
+    npsf)`` from the calls' per-segment sums ``ss`` (segment ``i`` of all calls, in order, is
+    bundle ``seg_owner[i]``), ``R`` ``(nb, npsf)`` from the blocks' ``rs`` (block ``j`` is bundle
+    ``owner[j]``)."""
+    S = jax.ops.segment_sum(jnp.concatenate(ss), seg_owner, num_segments=nb)
+    return S, jax.ops.segment_sum(jnp.concatenate(rs), owner, num_segments=nb)
+
+
+def _scaled(S, on, shift=None):
+    """Jacobi-scaled ``S`` (``(..., n, n)``; ``+ shift * diag(S)``) over the parameters ``on``, the
+    others' rows and columns replaced by those of the identity; and the scale."""
+    d = jnp.diagonal(S, axis1=-2, axis2=-1)
+    da = d if shift is None else d * (1.0 + shift[..., None])
+    sc = jnp.where(on, 1.0 / jnp.sqrt(jnp.where(on, da, 1.0)), 0.0)
+    eye = jnp.broadcast_to(jnp.eye(S.shape[-1], dtype=S.dtype), S.shape)
+    a = S if shift is None else S + shift[..., None, None] * d[..., None, :] * eye
+    return a * sc[..., :, None] * sc[..., None, :] + jnp.where(on, 0.0, 1.0)[..., None] * eye, sc
+
+
+@jax.jit
+def _lm_steps(S, R, lam):
+    """Levenberg-Marquardt steps of every bundle, ``(S + lam diag(S))^-1 R`` over the parameters
+    with a non-empty row (the others 0): ``(nb, npsf)``, and whether each is finite."""
+    on = jnp.diagonal(S, axis1=-2, axis2=-1) > 1e-300
+    a, sc = _scaled(S, on, lam)
+    x = jnp.linalg.solve(a, (R * sc)[..., None])[..., 0] * sc
+    fin = jnp.all(jnp.isfinite(x), axis=-1)
+    return jnp.where(fin[:, None], x, 0.0), fin
+
+
+@jax.jit
+def _distances(S, R):
+    """Length of every bundle's undamped Gauss-Newton step ``S^-1 R`` in sigma units,
+    ``sqrt(R^T S^-1 R)``: ``(nb,)``.
 
     It bounds the step of every linear combination of the parameters in units of its
-    uncertainty (and is the chi2 decrease the step predicts, square-rooted); parameters
-    with an empty row of ``S`` are left out, a singular system gives infinity.
+    uncertainty (and is the chi2 fall the step predicts, square-rooted); parameters with an
+    empty row of ``S`` are left out (none: 0), a singular system gives infinity.
     """
-    on = np.diag(S) > 1e-300
-    if not on.any():
-        return 0.0
-    sc = 1.0 / np.sqrt(np.diag(S)[on])
-    try:
-        g = np.linalg.solve(S[np.ix_(on, on)] * sc[:, None] * sc[None, :], R[on] * sc)
-    except np.linalg.LinAlgError:
-        return float("inf")
-    return float(np.sqrt(max(float(g @ (R[on] * sc)), 0.0)))
+    on = jnp.diagonal(S, axis1=-2, axis2=-1) > 1e-300
+    a, sc = _scaled(S, on)
+    rs = R * sc
+    v = jnp.sum(jnp.linalg.solve(a, rs[..., None])[..., 0] * rs, axis=-1)
+    dist = jnp.sqrt(jnp.maximum(v, 0.0))
+    return jnp.where(jnp.any(on, axis=-1), jnp.where(jnp.isfinite(dist), dist, jnp.inf), 0.0)
+
+
+@jax.jit
+def _covariances(S):
+    """The inverse of every bundle's ``S`` over its parameters with a non-empty row (Jacobi-scaled,
+    symmetrised; the other rows and columns 0): ``(nb, npsf, npsf)``."""
+    on = jnp.diagonal(S, axis1=-2, axis2=-1) > 1e-300
+    a, sc = _scaled(S, on)
+    inv = jnp.linalg.inv(a) * sc[..., :, None] * sc[..., None, :]
+    return 0.5 * (inv + jnp.swapaxes(inv, -1, -2))
 
 
 def bundle_blocks(psf: GaussHermitePSF, fibers, waverange, rows_per_block: int) -> list[tuple[int, int, int, int]]:
@@ -232,46 +271,71 @@ def _check_bundle(psf_init, arcs, flats, fib, broken, *, lines, waverange, rows_
     check_fiber_light(psf_init, arcs, flats, lines=lines, fibers=fib, box=box, broken_fibers=broken)
 
 
+def _setup_blocks(psf_init, arcs, flats, bundles, broken, *, lines, waverange, rows_per_block, trace_deg, sterms,
+                  legdeg_fiber, legdeg_wave, flat_deg, patches_per_call):
+    """Every block of every bundle (equal sizes), set up on the host and padded to one shape.
+
+    Returns ``(chunks, owner, nper, boxes, npix)``: the stacked :class:`CalibPatch` of each
+    call (``patches_per_call`` blocks), the bundle of every block (in order; the zero-weight
+    blocks that fill a bundle to ``nper`` blocks are its own, those that fill the last call
+    belong to a dummy bundle ``len(bundles)``), the
+    blocks' pixel boxes per bundle and every block's count of weighted pixels.
+    """
+    kw = dict(lines=lines, what=("xtrace", "ytrace", "shape"), trace_deg=trace_deg, shape_terms=sterms,
+              legdeg_fiber=legdeg_fiber, legdeg_wave=legdeg_wave, flat_deg=flat_deg, allow_no_lines=True,
+              bucket=16, mask_neighbours=True, specmin=0, nspec=None, waverange=None, gh_terms=(),
+              per_fiber_gh=False, flat_lamp=None, flat_dw=0.5, band_margin=3, pad_to=None,
+              data_checks=False)  # checked before (_check_bundle)
+    boxes = [bundle_blocks(psf_init, fib, waverange, rows_per_block) for fib in bundles]
+    host = [[_host_patch(psf_init, arcs, flats, fibers=fib, xyrange=b, broken_fibers=bb, **kw) for b in bx]
+            for fib, bx, bb in zip(bundles, boxes, broken)]
+    sizes = {k: max(getattr(h["static"], k) for hs in host for h in hs) for k in ("H", "W", "Wb", "nline", "nsamp")}
+    nper = max(len(bx) for bx in boxes)
+    B = len(bundles)
+    C = int(patches_per_call)
+    blocks, owner = [], []
+    for b, hs in enumerate(host):
+        row = [pad_host_patch(psf_init, h, sizes) for h in hs]
+        blocks += row
+        owner += [b] * len(row)
+        for _ in range(nper - len(row)):  # zero weight: no pixels (a bundle with fewer blocks)
+            blocks.append(_no_weight(row[0]))
+            owner.append(b)
+    while len(blocks) % C:  # whole calls: zero-weight copies, owned by a dummy bundle
+        blocks.append(_no_weight(blocks[0]))
+        owner.append(B)
+    npix = np.array([np.count_nonzero(h["arrays"]["sqw"]) for h in blocks], float)
+    model_psf = without_idle_tails(psf_init, sterms)  # the same spots; closed-form GH derivatives
+    chunks = [stack_host_patches(model_psf, blocks[c:c + C]) for c in range(0, len(blocks), C)]
+    return chunks, np.asarray(owner), nper, boxes, npix
+
+
+def _no_weight(h: dict) -> dict:
+    """A host block with no weight anywhere (fills a bundle or a call)."""
+    return dict(h, arrays=dict(h["arrays"], sqw=np.zeros_like(h["arrays"]["sqw"])))
+
+
 def _fit_bundles(psf_init, arcs, flats, bundles, broken, ids, *, lines, waverange, rows_per_block, trace_deg, sterms,
-                 legdeg_fiber, legdeg_wave, flat_deg, maxiter, step_tol, chi2_rtol, lam0, patches_per_call,
-                 callback, bundle_progress, nbundles):
+                 legdeg_fiber, legdeg_wave, flat_deg, maxiter, step_tol, chi2_rtol, chi2_atol, lam0,
+                 patches_per_call, callback, bundle_progress, nbundles):
     """Fit the full model of every bundle in ``bundles`` (equal sizes; checked by
     :func:`_check_bundle`; ``broken[i]`` its broken fibers, ``ids[i]`` its number) together;
     returns ``(fits, statuses)`` (a failed bundle's fit is None)."""
     t0 = time.perf_counter()
     if len({len(b) for b in bundles}) != 1:
         raise ValueError("bundles fitted together must have the same number of fibers")
-    kw = dict(lines=lines, what=("xtrace", "ytrace", "shape"), trace_deg=trace_deg, shape_terms=sterms,
-              legdeg_fiber=legdeg_fiber, legdeg_wave=legdeg_wave, flat_deg=flat_deg, allow_no_lines=True,
-              bucket=16, mask_neighbours=True)
-    # every block of every bundle set up before any fitting
-    boxes = [bundle_blocks(psf_init, fib, waverange, rows_per_block) for fib in bundles]
-    first = [[calib_patch(psf_init, arcs, flats, fibers=fib, xyrange=b, broken_fibers=bb, **kw)[0] for b in bx]
-             for fib, bx, bb in zip(bundles, boxes, broken)]
-    sizes = {k: max(p.sizes[k] for ps in first for p in ps) for k in first[0][0].sizes}
-    nper = max(len(bx) for bx in boxes)
     B = len(bundles)
-    patches = []
-    for fib, bx, ps, bb in zip(bundles, boxes, first, broken):
-        row = [p if p.sizes == sizes else calib_patch(psf_init, arcs, flats, fibers=fib, xyrange=b, pad_to=sizes,
-                                                      broken_fibers=bb, **kw)[0]
-               for p, b in zip(ps, bx)]
-        dummy = eqx.tree_at(lambda q: q.sqw, row[0], jnp.zeros_like(row[0].sqw))  # zero weight: no pixels
-        patches += row + [dummy] * (nper - len(row))
-    lay = patches[0].layout
+    C = max(1, int(patches_per_call))  # blocks per compiled call
+    chunks, owner, nper, boxes, npix_p = _setup_blocks(
+        psf_init, arcs, flats, bundles, broken, lines=lines, waverange=waverange, rows_per_block=rows_per_block,
+        trace_deg=trace_deg, sterms=sterms, legdeg_fiber=legdeg_fiber, legdeg_wave=legdeg_wave, flat_deg=flat_deg,
+        patches_per_call=C)
+    nchunk = len(chunks)
+    lay = chunks[0].layout
     psf_keys = [k for k in ("dx", "dy", "pc") if k in lay.slices]
     npsf = lay.slices[psf_keys[-1]].stop
     nloc = lay.size - npsf
-    C = max(1, int(patches_per_call))  # blocks per compiled call
-    owner = np.repeat(np.arange(B), nper)
-    while len(patches) % C:  # pad to whole calls with zero-weight copies, owned by a dummy bundle
-        patches.append(eqx.tree_at(lambda q: q.sqw, patches[0], jnp.zeros_like(patches[0].sqw)))
-        owner = np.append(owner, B)
-    nchunk = len(patches) // C
-    chunks = [_stack(patches[c * C:(c + 1) * C]) for c in range(nchunk)]
-    npix_p = np.array([int(np.count_nonzero(np.asarray(p.sqw))) for p in patches])
     npix = np.bincount(owner, weights=npix_p, minlength=B + 1)[:B]
-    del patches, first
     log.info("fit-psf: %d bundles set up as %d blocks (%d calls of %d) in %.1f s", B, nchunk * C, nchunk, C,
              time.perf_counter() - t0)
     nseg = -(-C // nper) + 1
@@ -287,23 +351,22 @@ def _fit_bundles(psf_init, arcs, flats, bundles, broken, ids, *, lines, waverang
 
     cache = [None] * nchunk  # the last _schur_chunk output of every call
 
+    # the bundle of each call's segment of S (Bp: none, dropped by the segment sum)
+    seg_owner = np.array([first_owner[c] + k for c in range(nchunk) for k in range(nseg)])
+    seg_owner = jnp.asarray(np.where(seg_owner < Bp, seg_owner, Bp), jnp.int32)
+    owner_d = jnp.asarray(owner, jnp.int32)
+
     def schur(need):
-        """The reduced systems; only the calls holding a block of a bundle with ``need`` are recomputed."""
+        """The reduced systems ``S``, ``R`` of every bundle (on the device) and the distance of each
+        to its minimum; only the calls holding a block of a bundle with ``need`` are recomputed."""
         for c in range(nchunk):
             if cache[c] is None or need[owner[c * C:(c + 1) * C]].any():
                 cache[c] = _schur_chunk(chunks[c], jnp.asarray(tg[owner[c * C:(c + 1) * C]]), tl[c], segs[c], nseg)
         out = cache
         chi2 = per_bundle([np.asarray(o[0]) for o in out])
-        S = np.zeros((Bp, npsf, npsf))
-        R = np.zeros((Bp, npsf))
-        for c, o in enumerate(out):
-            ss = np.asarray(o[1])
-            for k in range(nseg):
-                b = first_owner[c] + k
-                if b < Bp:
-                    S[b] += ss[k]
-            np.add.at(R, owner[c * C:(c + 1) * C], np.asarray(o[2]))
-        return chi2, S, R, [o[3] for o in out], [o[4] for o in out], [o[5] for o in out]
+        S, R = _bundle_systems(tuple(o[1] for o in out), tuple(o[2] for o in out), seg_owner, owner_d, Bp)
+        dist = np.asarray(_distances(S, R))
+        return chi2, S, R, dist, [o[3] for o in out], [o[4] for o in out], [o[5] for o in out]
 
     def trial(dg, active):
         """chi2 per bundle after the steps ``dg``; calls without a block of an ``active`` bundle are skipped."""
@@ -321,21 +384,28 @@ def _fit_bundles(psf_init, arcs, flats, bundles, broken, ids, *, lines, waverang
 
     everyone = np.ones(Bp, bool)
     tc = time.perf_counter()
-    chi2, S, R, XG, XB, ACT = schur(everyone)
+    chi2, S, R, dist, XG, XB, ACT = schur(everyone)
     t_first = time.perf_counter() - tc
     tl = [tl[c] + XB[c] for c in range(nchunk)]  # the linear parameters at their optimum for the start
     tc = time.perf_counter()
-    chi2, S, R, XG, XB, ACT = schur(everyone)
+    chi2, S, R, dist, XG, XB, ACT = schur(everyone)
     t_second = time.perf_counter() - tc
+    lam = np.full(Bp, lam0)
+    t_lm = []
+    for _ in range(2):  # compile the damped solves (the first call less the second: compilation)
+        tc = time.perf_counter()
+        jax.block_until_ready(_lm_steps(S, R, jnp.asarray(lam)))
+        t_lm.append(time.perf_counter() - tc)
     schur_times = []
     trial_times, trial_calls = [], []
-    lam = np.full(Bp, lam0)
     done = np.zeros(Bp, bool)
     done[B:] = True
     failed = np.zeros(Bp, bool)
     converged = np.zeros(Bp, bool)
     niter = np.zeros(Bp, int)
     hist = [[float(chi2[b])] for b in range(B)]
+    steps = [[] for _ in range(B)]  # the next step's length [sigma] after each iteration
+    why = [""] * B  # the stopping rule that stopped each bundle
     msg = [""] * B
     for b in range(B):
         if not np.isfinite(chi2[b]):
@@ -349,16 +419,9 @@ def _fit_bundles(psf_init, arcs, flats, bundles, broken, ids, *, lines, waverang
     for _ in range(4 * maxiter):
         if np.all(done):
             break
-        dg = np.zeros((Bp, npsf))
-        for b in np.where(~done)[0]:
-            d = np.diag(S[b])
-            on = d > 1e-300
-            a = S[b][np.ix_(on, on)] + lam[b] * np.diag(d[on])
-            sc = 1.0 / np.sqrt(np.diag(a))
-            try:
-                dg[b, on] = sc * np.linalg.solve(a * sc[:, None] * sc[None, :], R[b, on] * sc)
-            except np.linalg.LinAlgError:
-                lam[b] *= 10.0
+        dg, fin = (np.asarray(v) for v in _lm_steps(S, R, jnp.asarray(lam)))
+        dg = np.where(done[:, None], 0.0, dg)
+        lam = np.where(~done & ~fin, lam * 10.0, lam)  # a singular system: more damping
         tc = time.perf_counter()
         chi2_new, tl_new = trial(dg, ~done)
         trial_times.append(time.perf_counter() - tc)
@@ -368,6 +431,7 @@ def _fit_bundles(psf_init, arcs, flats, bundles, broken, ids, *, lines, waverang
             lam[b] *= 4.0
             if lam[b] > 1e8:  # no step lowers chi2 any more: the minimum
                 done[b] = converged[b] = True
+                why[b] = "no step lowers chi2"
         if not np.any(ok):
             continue
         oke = ok[owner]
@@ -375,18 +439,22 @@ def _fit_bundles(psf_init, arcs, flats, bundles, broken, ids, *, lines, waverang
         tl = [jnp.where(jnp.asarray(oke[c * C:(c + 1) * C])[:, None], tl_new[c], tl[c]) for c in range(nchunk)]
         old = chi2.copy()
         tc = time.perf_counter()
-        chi2, S, R, XG, XB, ACT = schur(ok)
+        chi2, S, R, dist, XG, XB, ACT = schur(ok)
         schur_times.append(time.perf_counter() - tc)
         for b in np.where(ok)[0]:
             niter[b] += 1
             hist[b].append(float(chi2[b]))
-            dist = _distance_to_minimum(S[b], R[b])
-            report(b, int(niter[b]), chi2[b], dist, lam[b])
+            steps[b].append(float(dist[b]))
+            report(b, int(niter[b]), chi2[b], dist[b], lam[b])
             lam[b] = max(lam[b] / 5.0, 1e-12)
-            if dist < step_tol or old[b] - chi2[b] < chi2_rtol * chi2[b]:
+            fall = old[b] - chi2[b]
+            if dist[b] < step_tol or fall < chi2_atol or fall < chi2_rtol * chi2[b]:
                 done[b] = converged[b] = True
+                why[b] = (f"next step {dist[b]:.2g} sigma" if dist[b] < step_tol else
+                          f"chi2 fell by {fall:.2g}")
             elif niter[b] >= maxiter:
                 done[b] = True
+                why[b] = "maxiter"
     seconds = time.perf_counter() - t0
     log.info("fit-psf: %d passes, trial %.2f s (median), reduced systems %.2f s (median; %.2f s the first, "
              "compilation included), %.1f s in all", len(trial_times), np.median(trial_times or [0.0]),
@@ -395,7 +463,15 @@ def _fit_bundles(psf_init, arcs, flats, bundles, broken, ids, *, lines, waverang
     # (a trial's time scales with the calls it evaluates: bundles that stopped are skipped)
     per_call = [t / max(n, 1) for t, n in zip(trial_times[1:], trial_calls[1:])]
     compile_s = max(t_first - t_second, 0.0) + (max(trial_times[0] - trial_calls[0] * float(np.median(per_call)), 0.0)
-                                                if per_call else 0.0)
+                                                if per_call else 0.0) + max(t_lm[0] - t_lm[1], 0.0)
+    for b in range(B):
+        if not failed[b]:
+            falls = -np.diff(hist[b][-4:])
+            log.info("fit-psf bundle fibers %d-%d: %d iterations, stopped by %s; chi2 %.6g, its last falls %s, "
+                     "next step %.3g sigma", bundles[b][0], bundles[b][-1], niter[b], why[b] or "?", chi2[b],
+                     " ".join(f"{v:.3g}" for v in falls), steps[b][-1] if steps[b] else np.inf)
+    covs = np.asarray(_covariances(S))
+    S = np.asarray(S)
     fits, statuses = [], []
     act = np.concatenate([np.asarray(a).sum(axis=1) for a in ACT])
     for b, fib in enumerate(bundles):
@@ -413,9 +489,7 @@ def _fit_bundles(psf_init, arcs, flats, bundles, broken, ids, *, lines, waverang
                 bundle_progress(st, nbundles)
             continue
         on = np.diag(S[b]) > 1e-300
-        cov = np.full((npsf, npsf), np.nan)
-        inv = np.linalg.inv(S[b][np.ix_(on, on)])
-        cov[np.ix_(on, on)] = 0.5 * (inv + inv.T)
+        cov = np.where(on[:, None] & on[None, :], covs[b], np.nan)
         err = np.sqrt(np.where(np.isfinite(np.diag(cov)), np.abs(np.diag(cov)), np.inf))
         errors = {k: err[lay.slices[k]].reshape(lay.shapes[k]) for k in psf_keys}
         psf = apply_psf_params(psf_init, {k: jnp.asarray(v) for k, v in params.items()}, fib,
@@ -451,6 +525,7 @@ def fit_bundle(
     maxiter: int = 20,
     step_tol: float = 0.1,
     chi2_rtol: float = 1e-9,
+    chi2_atol: float = 0.1,
     lam0: float = 1e-3,
     patches_per_call: int = 16,
     callback: Callable | None = None,
@@ -477,6 +552,9 @@ def fit_bundle(
             (``sqrt(R^T S^-1 R)`` of the reduced system: no combination of the parameters is
             then further than ``step_tol`` of its uncertainty from the minimum).
         chi2_rtol: stop when chi2 changes by less than this fraction, as in :func:`fit_psf`.
+        chi2_atol: stop when an accepted step lowers chi2 by less than this: its predicted fall
+            is at least its length squared in sigma units, so such a step moved no combination
+            of the parameters by more than ``sqrt(chi2_atol)`` of its uncertainty.
         lam0: the first damping, as in :func:`fit_psf`.
         patches_per_call: blocks evaluated by one compiled call (memory).
         callback: ``callback(bundle, iteration, chi2, distance, lambda)``, ``distance`` the next step's
@@ -502,7 +580,8 @@ def fit_bundle(
     fits, st = _fit_bundles(psf_init, arcs, flats, [fibers], [broken], [0], lines=lines, waverange=r["waverange"],
                             rows_per_block=rows_per_block, trace_deg=r["trace_deg"], sterms=r["sterms"],
                             legdeg_fiber=legdeg_fiber, legdeg_wave=legdeg_wave, flat_deg=flat_deg, maxiter=maxiter,
-                            step_tol=step_tol, chi2_rtol=chi2_rtol, lam0=lam0, patches_per_call=patches_per_call,
+                            step_tol=step_tol, chi2_rtol=chi2_rtol, chi2_atol=chi2_atol, lam0=lam0,
+                            patches_per_call=patches_per_call,
                             callback=callback, bundle_progress=None, nbundles=1)
     if fits[0] is None:
         raise ValueError(f"the fit of fibers {fibers[0]}-{fibers[-1]} failed: {st[0].message}")
@@ -528,6 +607,7 @@ def fit_psf_full(
     maxiter: int = 20,
     step_tol: float = 0.1,
     chi2_rtol: float = 1e-9,
+    chi2_atol: float = 0.1,
     lam0: float = 1e-3,
     patches_per_call: int = 16,
     callback: Callable | None = None,
@@ -580,7 +660,7 @@ def fit_psf_full(
                              [bundle_id(bundles[i], i, specmin, bundlesize) for i in idx], lines=lines,
                              waverange=r["waverange"], rows_per_block=rows_per_block, trace_deg=r["trace_deg"],
                              sterms=r["sterms"], legdeg_fiber=legdeg_fiber, legdeg_wave=legdeg_wave, flat_deg=flat_deg,
-                             maxiter=maxiter, step_tol=step_tol, chi2_rtol=chi2_rtol, lam0=lam0,
+                             maxiter=maxiter, step_tol=step_tol, chi2_rtol=chi2_rtol, chi2_atol=chi2_atol, lam0=lam0,
                              patches_per_call=patches_per_call, callback=callback, bundle_progress=bundle_progress,
                              nbundles=len(bundles))
         for j, i in enumerate(idx):

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._simulation.calib import CalibImage, LineList, flat_spectrum, flat_wave_grid
-from ..psf._gausshermite import GaussHermitePSF
-from ..psf._legendre import legvander
+from .._simulation.calib import CalibImage, LineList, flat_spectrum
+from ..psf._gausshermite import GaussHermitePSF, pixel_gauss_hermite
+from ..psf._legendre import legvander, traceset_eval_many
 from .params import (
     ALL_WHAT,
     DEFAULT_GH_TERMS,
@@ -112,6 +112,7 @@ class _Static:
     shape_terms: tuple = ()  # parameter names of the rows of "pc" (full model)
     nsig: int = 0  # how many of shape_terms are widths (GHSIGX/GHSIGY): they differentiate the pixel integrals
     nq: int = 0  # stamps that may reach one band row (the gather slots of CalibPatch._placement)
+    pair_cols: tuple = ()  # per fiber distance d: the band columns fiber f can share with f + d (_pair_cols)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -363,11 +364,25 @@ class CalibPatch(eqx.Module):
             st = self.stamps(self._psf_of_free(pp))
             return {k: st[k][2] for k in kinds}
 
-        primal = self.stamps(self._psf_of_free(free_all))
+        psf_now = self._psf_of_free(free_all)
+        primal = self.stamps(psf_now)
+        # Gauss-Hermite coefficients in closed form (a PSF without tail terms): term (i, j)
+        # enters the spot linearly, so its derivative needs no forward-mode pass
+        closed = {}  # colour -> (i, j)
+        if not psf_now.has_tails:
+            for col in s.colors:
+                key, a, b = col
+                name = s.gh_terms[a] if key == "gh" else (s.shape_terms[a] if key == "pc" and b == 0
+                                                          and a >= s.nsig else None)
+                ij = _gh_term(name, psf_now) if name is not None else None
+                if ij is not None:
+                    closed[col] = ij
         # the colours that need a jvp, by group, with their tangent in the free variables
         groups = {1: [], 2: []}
         for col in s.colors:
             key, a, b = col
+            if col in closed:
+                continue
             if key in ("dx", "dy") and a == 0:
                 groups[1].append((col, key, lambda t, key=key: t.at[:, 0].set(1.0)))
             elif key in ("log_sigx", "log_sigy"):
@@ -396,6 +411,11 @@ class CalibPatch(eqx.Module):
             d = jax.vmap(lambda t: jax.jvp(fn, (free,), (t,))[1])(tstack)
             for c, (col, _, _) in enumerate(cols):
                 dst[col] = {k: d[k][c] for k in kinds}
+        if closed:
+            terms = list(dict.fromkeys(closed.values()))
+            per_kind = {k: self._gh_derivatives(psf_now, k, terms) for k in kinds}
+            for col, ij in closed.items():
+                dst[col] = {k: per_kind[k][terms.index(ij)] for k in kinds}
         nimg = s.narc + s.nflat
         pls = {k: self._placement(primal[k][0], primal[k][1], self._valid(k), *primal[k][2].shape[-2:]) for k in kinds}
         bands = jnp.concatenate([self._place(pls[k], primal[k][2], w[k]) for k in kinds], axis=0)
@@ -438,6 +458,45 @@ class CalibPatch(eqx.Module):
             onehot = jnp.eye(nimg, s.nflat, k=-s.narc, dtype=bands.dtype)
             jac.append(jnp.einsum("ma,bihw->mihwab", onehot, fb).reshape(nimg, s.nf, s.H, s.Wb, -1))
         return bands, jnp.concatenate(jac, axis=-1)
+
+    def _gh_derivatives(self, psf: GaussHermitePSF, kind: str, terms) -> list:
+        """d spot / d GH-i-j for each ``(i, j)`` of ``terms`` (a PSF without tails): the
+        ``kind`` stamps' derivatives ``(nf, K, ny, nx)`` with respect to a unit change of the
+        term's value at every spot, in closed form.
+
+        The spot is ``c / sum(c)``, ``c = clip(sum_ij gh_ij fy_j fx_i, 0)``
+        (:func:`jaxspec.psf._gausshermite.pixel_gauss_hermite`), so the derivative is
+        ``(m fy_j fx_i - spot sum(m fy_j fx_i)) / sum(c)`` with ``m = [c > 0]``; zero for the
+        stamps :meth:`stamps` zeroes (padding lines, broken fibers).
+        """
+        ny, nx = psf.stamp_shape
+        ispec = self.fibers[:, None]
+        wave = (self.lwave if kind == "line" else self.fwave)[None, :]
+        shape = (self.static.nf, wave.shape[1])
+        x = jnp.broadcast_to(psf.x(ispec, wave), shape)
+        y = jnp.broadcast_to(psf.y(ispec, wave), shape)
+        xmin = jnp.trunc(x - psf.hsizex + psf._corner_shift).astype(jnp.int32)
+        ymin = jnp.trunc(y - psf.hsizey + psf._corner_shift).astype(jnp.int32)
+        vals = traceset_eval_many(psf.params[psf._used_rows()], psf.pdomain, ispec, wave)  # (nf, K, nused)
+        fx = pixel_gauss_hermite(xmin, x, vals[..., 0], nx, psf.ghdegx)  # (nf, K, dgx + 1, nx)
+        fy = pixel_gauss_hermite(ymin, y, vals[..., 1], ny, psf.ghdegy)  # (nf, K, dgy + 1, ny)
+        gh = vals[..., 2:2 + (psf.ghdegx + 1) * (psf.ghdegy + 1)].reshape(shape + (psf.ghdegy + 1, psf.ghdegx + 1))
+        # the sums of _gh_stamp_values, in its order (the same rounding, so the same clipped pixels)
+        fyg = sum(gh[..., j, :, None] * fy[..., j, None, :] for j in range(psf.ghdegy + 1))
+        img = sum(fyg[..., i, :, None] * fx[..., i, None, :] for i in range(psf.ghdegx + 1))
+        m = img > 0
+        c = jnp.where(m, img, 0.0)
+        z = jnp.sum(c, axis=(-2, -1), keepdims=True)
+        spot = c / z
+        keep = self.live[:, None, None, None]
+        if kind == "line":
+            keep = keep & self.lvalid[None, :, None, None]
+        out = []
+        for i, j in terms:
+            b = jnp.where(m, fy[:, :, j, :, None] * fx[:, :, i, None, :], 0.0)
+            d = (b - spot * jnp.sum(b, axis=(-2, -1), keepdims=True)) / z
+            out.append(jnp.where(keep, d, 0.0))
+        return out
 
     def _cols(self):
         return self.xlo[:, None] + jnp.arange(self.static.Wb, dtype=self.xlo.dtype)[None, :]  # (nf, Wb)
@@ -515,11 +574,13 @@ class CalibPatch(eqx.Module):
                     add(st + (a * nf + np.arange(nf)) * s.nbasis + b)
         return np.stack(idx, axis=1), np.stack(wts, axis=1)
 
-    def normal_equations(self, params: dict):
-        """Gauss-Newton pieces at ``params``: ``(chi2, J^T J, J^T r)`` over the flat theta.
+    def pair_products(self, params: dict):
+        """The Gauss-Newton pieces per fiber: ``(chi2, jtr_f, blocks)``.
 
-        ``r`` are the weighted residuals, ``J = d model / d theta`` weighted, so a
-        Gauss-Newton step is ``delta = (J^T J)^-1 J^T r``.
+        ``jtr_f`` ``(nf, na)``: each fiber's band Jacobian columns times the residuals;
+        ``blocks`` ``(dmax + 1, nf, na, na)``: ``blocks[d, f] = J_f^T J_{f+d}`` over the
+        pixels the two bands share (0 where ``f + d >= nf``).  :meth:`_assemble` maps
+        them onto theta.
         """
         s = self.static
         bands, jac = self.band_jacobian(params)
@@ -537,49 +598,136 @@ class CalibPatch(eqx.Module):
         # (nf, R, Wb, na) with R = nimg * H
         jf = jnp.moveaxis(jw, 1, 0).reshape(s.nf, -1, s.Wb, na)
         rf = jnp.moveaxis(r_b, 1, 0).reshape(s.nf, -1, s.Wb)
-        jtr_local = jnp.einsum("frca,frc->fa", jf, rf)
-        # neighbour products: fiber i with fiber i + d, its band shifted by o = xlo[i+d] - xlo[i]
-        jpad = jnp.pad(jf, ((0, s.dmax), (0, 0), (s.Wb, s.Wb), (0, 0)))
+        jtr_f = jnp.einsum("frca,frc->fa", jf, rf)
+        # neighbour products: fiber i with fiber i + d, its band shifted by o = xlo[i+d] - xlo[i];
+        # only fiber i's last w = pair_cols[d] columns can meet fiber i + d's band (o >= Wb - w)
+        cols_d = s.pair_cols or (s.Wb,) * (s.dmax + 1)
+        jpad = jnp.pad(jf, ((0, s.dmax), (0, 0), (s.Wb, 0), (0, 0)))
         xl = jnp.concatenate([self.xlo, jnp.full((s.dmax,), self.xlo[-1] + 10 * s.Wb, self.xlo.dtype)])
-        blocks = []
-        for d in range(s.dmax + 1):
+        blocks = [jnp.einsum("frca,frcb->fab", jf, jf)]
+        for d in range(1, s.dmax + 1):
+            w = cols_d[d]
+            if w == 0:
+                blocks.append(jnp.zeros_like(blocks[0]))
+                continue
             o = jnp.clip(xl[d:d + s.nf] - self.xlo, 0, s.Wb)
-            other = jax.vmap(lambda jj, oo: jax.lax.dynamic_slice_in_dim(jj, s.Wb - oo, s.Wb, axis=1))(
+            # fiber i's column c (>= Wb - w) is fiber i + d's column c - o: index Wb + c - o of jpad
+            other = jax.vmap(lambda jj, oo: jax.lax.dynamic_slice_in_dim(jj, 2 * s.Wb - w - oo, w, axis=1))(
                 jpad[d:d + s.nf], o)
-            blocks.append(jnp.einsum("frca,frcb->fab", jf, other))
-        idx_np, wts_np = self._index_map()
-        n = self.layout.size
-        jtj = jnp.zeros((n, n), jw.dtype)
-        if wts_np.shape[-1] == 1:
-            idx = jnp.asarray(idx_np[..., 0])
-            idx_pad = jnp.concatenate([idx, jnp.zeros((s.dmax, na), idx.dtype)])
-            jtr = jnp.zeros((n,), jw.dtype).at[idx].add(jtr_local)
-            for d, g in enumerate(blocks):
-                ii = idx[:, :, None]
-                jj = idx_pad[d:d + s.nf][:, None, :]
-                if d == 0:
-                    jtj = jtj.at[ii, jj].add(g)
-                else:
-                    valid = (np.arange(s.nf) + d < s.nf)[:, None, None]
-                    g = jnp.where(valid, g, 0.0)
-                    jtj = jtj.at[ii, jj].add(g)
-                    jtj = jtj.at[jj, ii].add(g)  # the transposed block: entry [f, p, q] -> (j q, i p)
-        else:  # weighted: column (f, a) -> sum_l wts[f, a, l] * theta[idx[f, a, l]]
-            nw = wts_np.shape[-1]
-            idx = jnp.asarray(idx_np)
-            wts = jnp.asarray(wts_np, jw.dtype)
-            idx_pad = jnp.concatenate([idx, jnp.zeros((s.dmax, na, nw), idx.dtype)])
-            wts_pad = jnp.concatenate([wts, jnp.zeros((s.dmax, na, nw), wts.dtype)])
-            jtr = jnp.zeros((n,), jw.dtype).at[idx].add(jtr_local[:, :, None] * wts)
-            for d, g in enumerate(blocks):
-                ii = idx[:, :, :, None, None]
-                jj = idx_pad[d:d + s.nf][:, None, None, :, :]
-                gw = (g[:, :, None, :, None] * wts[:, :, :, None, None]
-                      * wts_pad[d:d + s.nf][:, None, None, :, :])  # (nf, na, nw, na, nw)
-                jtj = jtj.at[ii, jj].add(gw)
-                if d > 0:
-                    jtj = jtj.at[jj, ii].add(gw)
+            blocks.append(jnp.einsum("frca,frcb->fab", jf[:, :, s.Wb - w:], other))
+        valid = jnp.asarray(np.arange(s.nf)[None, :] + np.arange(s.dmax + 1)[:, None] < s.nf)
+        return chi2, jtr_f, jnp.where(valid[:, :, None, None], jnp.stack(blocks), 0.0)
+
+    def _assembly_plan(self) -> dict:
+        """Static (NumPy) plan of :meth:`_assemble`, from :meth:`_index_map`.
+
+        A band-Jacobian column is *local* when fiber ``f``'s copy is one parameter of
+        its own (weight 1: traces, widths, per-fiber GH terms, fluxes), *shared* when
+        every fiber's copy feeds the same parameters with weights ``W[f, l]`` (the full
+        model's ``pc``, a GH term shared by the fibers).  ``J^T J`` is assembled in the
+        canonical order (local ``(f, j)`` then shared ``(j, l)``) and gathered onto
+        theta by ``src`` (``nc`` for a parameter no column reaches: a zero row).
+        """
+        s = self.static
+        idx, wts = self._index_map()
+        nf, na, nw = idx.shape
+        one = np.zeros(nw)
+        one[0] = 1.0
+        is_local = np.array([np.all(wts[:, a] == one) and len(np.unique(idx[:, a, 0])) == nf for a in range(na)])
+        loc, sh = np.flatnonzero(is_local), np.flatnonzero(~is_local)
+        used = np.any(wts[:, sh] != 0, axis=0)  # (nS, nw)
+        if np.any(np.where(used[None], idx[:, sh] != idx[:1, sh], False)):
+            raise AssertionError("a band-Jacobian column is neither local nor shared")
+        nL, nS = len(loc), len(sh)
+        target = np.concatenate([idx[:, loc, 0].reshape(-1), np.where(used, idx[0, sh], -1).reshape(-1)])
+        nc = len(target)
+        hit = target[target >= 0]
+        if len(np.unique(hit)) != len(hit):
+            raise AssertionError("two band-Jacobian columns map onto one parameter")
+        src = np.full(self.layout.size, nc)
+        src[target[target >= 0]] = np.flatnonzero(target >= 0)
+        D = s.dmax + 1
+        E = np.zeros((D, nf, nf))  # E[d, f, g] = [g == f + d]
+        for d in range(D):
+            E[d, np.arange(nf - d), np.arange(d, nf)] = 1.0
+        wsh = wts[:, sh]  # (nf, nS, nw)
+        wpad = np.zeros((D, nf, nS, nw))  # wpad[d, f] = W[f + d] (0 past the last fiber)
+        for d in range(D):
+            wpad[d, :nf - d] = wsh[d:]
+        return dict(loc=loc, sh=sh, nL=nL, nS=nS, nw=nw, src=src, E=E, wsh=wsh, wpad=wpad)
+
+    def _assemble(self, jtr_f, blocks):
+        """``(J^T J, J^T r)`` over theta from :meth:`pair_products`: the fiber Legendre
+        weights contracted by einsums, the fiber-pair blocks placed by a one-hot
+        product, and one static gather onto theta (no scatter-add)."""
+        s = self.static
+        pl = self._assembly_plan()
+        nf, nL, nS, nw = s.nf, pl["nL"], pl["nS"], pl["nw"]
+        dt = blocks.dtype
+        loc, sh = jnp.asarray(pl["loc"]), jnp.asarray(pl["sh"])
+        E = jnp.asarray(pl["E"], dt)
+        wsh = jnp.asarray(pl["wsh"], dt)
+        wpad = jnp.asarray(pl["wpad"], dt)
+        bl = jnp.take(blocks, loc, axis=2)  # (D, nf, nL, na)
+        bs = jnp.take(blocks, sh, axis=2)  # (D, nf, nS, na)
+        b_ll, b_ls = jnp.take(bl, loc, axis=3), jnp.take(bl, sh, axis=3)
+        b_sl, b_ss = jnp.take(bs, loc, axis=3), jnp.take(bs, sh, axis=3)
+        # local x local: block (f, f + d) is blocks[d, f], block (f + d, f) its transpose
+        ll = jnp.einsum("dfg,dfab->fagb", E, b_ll)
+        if s.dmax:
+            ll = ll + jnp.einsum("dfg,dfab->gbfa", E[1:], b_ll[1:])
+        ll = ll.reshape(nf * nL, nf * nL)
+        # shared x local: rows summed over their fiber with W, columns (g, b)
+        sl = jnp.einsum("fjl,dfg,dfjb->jlgb", wsh, E, b_sl)
+        if s.dmax:
+            sl = sl + jnp.einsum("dfjl,dfbj->jlfb", wpad[1:], b_ls[1:])
+        sl = sl.reshape(nS * nw, nf * nL)
+        # shared x shared
+        ss = jnp.einsum("fjl,dfkm,dfjk->jlkm", wsh, wpad, b_ss)
+        if s.dmax:
+            t = jnp.einsum("fjl,dfkm,dfjk->jlkm", wsh, wpad[1:], b_ss[1:])
+            ss = ss + jnp.transpose(t, (2, 3, 0, 1))
+        ss = ss.reshape(nS * nw, nS * nw)
+        canon = jnp.concatenate([jnp.concatenate([ll, sl.T], axis=1), jnp.concatenate([sl, ss], axis=1)], axis=0)
+        canon = jnp.pad(canon, ((0, 1), (0, 1)))  # the zero row / column of parameters no column reaches
+        src = jnp.asarray(pl["src"])
+        jtj = jnp.take(jnp.take(canon, src, axis=0), src, axis=1)
+        g = jnp.concatenate([jnp.take(jtr_f, loc, axis=1).reshape(-1),
+                             jnp.einsum("fj,fjl->jl", jnp.take(jtr_f, sh, axis=1), wsh).reshape(-1),
+                             jnp.zeros((1,), dt)])
+        return jtj, jnp.take(g, src)
+
+    def normal_equations(self, params: dict):
+        """Gauss-Newton pieces at ``params``: ``(chi2, J^T J, J^T r)`` over the flat theta.
+
+        ``r`` are the weighted residuals, ``J = d model / d theta`` weighted, so a
+        Gauss-Newton step is ``delta = (J^T J)^-1 J^T r``.
+        """
+        chi2, jtr_f, blocks = self.pair_products(params)
+        jtj, jtr = self._assemble(jtr_f, blocks)
         return chi2, jtj, jtr
+
+
+def _gh_term(name: str, psf: GaussHermitePSF):
+    """``(i, j)`` of a parameter named ``GH-i-j`` within the PSF's Gauss-Hermite degrees, else None."""
+    parts = name.split("-")
+    if len(parts) != 3 or parts[0] != "GH" or not (parts[1].isdigit() and parts[2].isdigit()):
+        return None
+    i, j = int(parts[1]), int(parts[2])
+    return (i, j) if i <= psf.ghdegx and j <= psf.ghdegy else None
+
+
+def without_idle_tails(psf: GaussHermitePSF, keep: Sequence[str] = ()) -> GaussHermitePSF:
+    """``psf`` without its TAIL* rows when they carry no light (TAILAMP 0 everywhere) and none
+    is in ``keep`` (the fitted terms): the same spots, and the Gauss-Hermite derivatives of
+    :meth:`CalibPatch.band_jacobian` in closed form.  Otherwise ``psf`` itself."""
+    if not psf.has_tails or any(n.startswith("TAIL") for n in keep):
+        return psf
+    if np.any(np.asarray(psf.params[psf.param_index("TAILAMP")]) != 0):
+        return psf
+    rows = [i for i, n in enumerate(psf.param_names) if not n.startswith("TAIL")]
+    return dataclasses.replace(psf, params=psf.params[np.asarray(rows)],
+                               param_names=tuple(psf.param_names[i] for i in rows))
 
 
 def _cut(image, ivar, img_xyrange, box):
@@ -623,12 +771,12 @@ def patch_lines(psf: GaussHermitePSF, lines: LineList, fibers, box) -> LineList:
     """
     fibers = np.asarray(fibers, dtype=int)
     margin = psf.hsizey + 3
-    ylin = np.asarray(psf.y(fibers[:, None], lines.wave[None, :]))
+    ylin = _host_y(psf, fibers, lines.wave)
     ok = (lines.wave >= psf.wmin) & (lines.wave <= psf.wmax)
     ok &= np.any((ylin > box[2] - margin) & (ylin < box[3] + margin), axis=0)
     plines = lines.select(ok)
     if len(plines) == 0:
-        w = np.asarray(psf.wavelength(fibers[[0, -1]][:, None], np.array([box[2], box[3]], float)[None, :]))
+        w = _host_wavelength(psf, fibers[[0, -1]], np.array([box[2], box[3]], float))
         raise BundleInputError(
             f"no arc line falls in the pixel box {tuple(box)} (fibers {fibers[0]}-{fibers[-1]}, rows "
             f"{box[2]}-{box[3]}, about {w.min():.1f}-{w.max():.1f} A): give a line list (--lines) with "
@@ -655,6 +803,7 @@ def check_patch(
     allow_no_lines: bool = False,
     min_hw: tuple[int, int] = (0, 0),
     broken_fibers: BrokenFibers = None,
+    data_checks: bool = True,
 ):
     """Every check of :func:`calib_patch`, without building the patch (cheap: run it for
     all patches of a CCD before fitting any).
@@ -662,6 +811,8 @@ def check_patch(
     Data problems of the patch (no arc line reaches it, an image has no valid pixel or
     no lamp light there) raise :class:`BundleInputError`; ``broken_fibers`` (fibers of
     ``fibers`` without light, :func:`check_broken_fibers`) are left out of the lamp-light test.
+    ``data_checks=False`` skips the images' checks (shapes, valid pixels, lamp light): for a
+    patch whose images were checked with the same arguments before.
 
     Returns:
         ``(fibers, box, real_box, lines_in_box, gh_terms)``: the box rounded up to
@@ -723,7 +874,7 @@ def check_patch(
             if not allow_no_lines:
                 raise
             plines = lines.select(np.zeros(len(lines), bool))
-    for kind, group in (("arc", arcs), ("flat", flats)):
+    for kind, group in (("arc", arcs), ("flat", flats)) if data_checks else ():
         for n, im in enumerate(group):
             image, ivar, ixy = _as_input(im, f"{kind} {n}")
             if np.shape(image) != np.shape(ivar) or np.ndim(image) != 2:
@@ -746,8 +897,8 @@ def check_patch(
 
 def _check_arc_light(psf, image, ivar, ixy, fibers, box, plines, n, min_snr: float = 10.0):
     """Raise unless arc ``n`` has lamp light where ``plines`` fall in ``box`` (summed S/N >= ``min_snr``)."""
-    xy = np.asarray(psf.x(fibers[:, None], plines.wave[None, :])).ravel()
-    yy = np.asarray(psf.y(fibers[:, None], plines.wave[None, :])).ravel()
+    xy = _host_x(psf, fibers, plines.wave).ravel()
+    yy = _host_y(psf, fibers, plines.wave).ravel()
     ok = (yy >= box[2]) & (yy < box[3]) & (xy >= ixy[0]) & (xy < ixy[1]) & (yy >= ixy[2]) & (yy < ixy[3])
     if not np.any(ok):
         return  # only the wings of lines just outside the box: nothing to test on
@@ -815,7 +966,6 @@ def check_fiber_light(
     fibers = np.asarray(fibers, dtype=int)
     broken = np.asarray([] if broken_fibers is None else broken_fibers, dtype=int)
     live = ~np.isin(fibers, broken)
-    f = fibers[:, None]
     rows = np.arange(box[2] + 1, box[3], 3, dtype=float)
     for kind, group in (("arc", arcs), ("flat", flats)):
         if not len(group):
@@ -824,13 +974,13 @@ def check_fiber_light(
             wl = lines.wave[(lines.wave >= psf.wmin) & (lines.wave <= psf.wmax)] if lines is not None else np.zeros(0)
             if not len(wl):
                 continue
-            xc = np.asarray(psf.x(f, wl[None, :]), dtype=float)
-            yc = np.asarray(psf.y(f, wl[None, :]), dtype=float)
+            xc = _host_x(psf, fibers, wl)
+            yc = _host_y(psf, fibers, wl)
             where = "its arc lines' spots"
         else:
-            wr = np.asarray(psf.wavelength(f, rows[None, :]), dtype=float)
+            wr = _host_wavelength(psf, fibers, rows)
             wr = np.where((wr >= psf.wmin) & (wr <= psf.wmax), wr, np.nan)
-            xc = np.asarray(psf.x(f, np.nan_to_num(wr, nan=psf.wmin)), dtype=float)
+            xc = _host_x(psf, fibers, np.nan_to_num(wr, nan=psf.wmin))
             xc = np.where(np.isfinite(wr), xc, np.nan)
             yc = np.broadcast_to(rows[None, :], xc.shape)
             where = "its trace"
@@ -865,12 +1015,45 @@ def check_fiber_light(
                             100 * s / ref, kind, n)
 
 
-def _trace_np(coef, domain, fiber, v) -> np.ndarray:
-    """Trace-set rows on the host: the Legendre series of ``fiber`` (an int, or ``(nf,)`` for
-    ``(nf, len(v))``) at ``v`` (NumPy: the set-up of a CCD's blocks makes many such small calls
-    of ever-changing lengths)."""
-    t = (np.asarray(v, float) - float(domain[0])) * (2.0 / (float(domain[1]) - float(domain[0]))) - 1.0
-    return np.polynomial.legendre.legval(t, np.asarray(coef)[fiber].T)
+def _trace_host(coef, domain, fiber, v) -> np.ndarray:
+    """Trace-set values on the host (NumPy; the set-up and checks of a CCD's blocks make many
+    small calls of ever-changing lengths): the Legendre series of ``fiber`` (an int: ``v``'s
+    shape; ``(nf,)``: ``(nf, n)`` for ``v`` ``(n,)``, the same abscissae for every fiber, or
+    ``(nf, n)``, each fiber its own)."""
+    c = np.asarray(coef)[fiber]
+    lo, hi = np.asarray(domain, float)
+    t = (np.asarray(v, float) - lo) * (2.0 / (hi - lo)) - 1.0
+    V = np.polynomial.legendre.legvander(t, c.shape[-1] - 1)  # t.shape + (ncoef,)
+    if c.ndim == 1:
+        return V @ c
+    if t.ndim == 1:
+        return c @ V.T
+    return np.einsum("fnk,fk->fn", V, c)
+
+
+def _host_x(psf, fiber, wave) -> np.ndarray:
+    """:meth:`GaussHermitePSF.x` on the host (:func:`_trace_host` broadcasting)."""
+    return _trace_host(psf.xcoef, psf.xdomain, fiber, wave)
+
+
+def _host_y(psf, fiber, wave) -> np.ndarray:
+    """:meth:`GaussHermitePSF.y` on the host."""
+    return _trace_host(psf.ycoef, psf.ydomain, fiber, wave)
+
+
+def _host_wavelength(psf, fiber, y) -> np.ndarray:
+    """:meth:`GaussHermitePSF.wavelength` on the host."""
+    return _trace_host(psf.wcoef, psf.ylim, fiber, y)
+
+
+def _flat_grid(psf: GaussHermitePSF, fibers, box, dw: float) -> np.ndarray:
+    """:func:`jaxspec._simulation.calib.flat_wave_grid` on the host: the wavelengths (step
+    ``dw``) whose spots of ``fibers`` cover the rows of ``box`` (with a stamp margin)."""
+    margin = psf.hsizey + 2
+    w = _host_wavelength(psf, np.asarray(fibers), np.array([box[2] - margin, box[3] + margin], dtype=float))
+    lo = max(float(w.min()), psf.wmin)
+    hi = min(float(w.max()), psf.wmax)
+    return lo + dw * np.arange(int(np.floor((hi - lo) / dw)) + 1)
 
 
 def neighbour_mask(psf: GaussHermitePSF, f0: int, nf: int, box, margin: float = 1.0) -> np.ndarray:
@@ -884,8 +1067,8 @@ def neighbour_mask(psf: GaussHermitePSF, f0: int, nf: int, box, margin: float = 
     reach = psf.hsizex + margin
     edge = []
     for f in (f0, f0 + nf - 1):
-        wave = np.clip(_trace_np(psf.wcoef, psf.ylim, f, rows), psf.wmin, psf.wmax)
-        edge.append(_trace_np(psf.xcoef, psf.xdomain, f, wave)[:, None])
+        wave = np.clip(_host_wavelength(psf, f, rows), psf.wmin, psf.wmax)
+        edge.append(_host_x(psf, f, wave)[:, None])
     return ((cols >= edge[0] - reach) & (cols <= edge[1] + reach)).astype(float)
 
 
@@ -939,11 +1122,26 @@ def calib_patch(
         ymin, ymax), "real_box": the box whose pixels are fitted, "lines": LineList of the
         modelled lines}``.
     """
+    h = _host_patch(psf_init, arcs, flats, lines=lines, fibers=fibers, specmin=specmin, nspec=nspec,
+                    waverange=waverange, xyrange=xyrange, what=what, trace_deg=trace_deg, gh_terms=gh_terms,
+                    per_fiber_gh=per_fiber_gh, flat_deg=flat_deg, flat_lamp=flat_lamp, flat_dw=flat_dw,
+                    band_margin=band_margin, bucket=bucket, shape_terms=shape_terms, legdeg_fiber=legdeg_fiber,
+                    legdeg_wave=legdeg_wave, allow_no_lines=allow_no_lines, pad_to=pad_to,
+                    broken_fibers=broken_fibers, mask_neighbours=mask_neighbours)
+    return _patch_of(psf_init, h), h["meta"]
+
+
+def _host_patch(psf_init, arcs, flats, *, lines, fibers, specmin, nspec, waverange, xyrange, what, trace_deg, gh_terms,
+                per_fiber_gh, flat_deg, flat_lamp, flat_dw, band_margin, bucket, shape_terms, legdeg_fiber,
+                legdeg_wave, allow_no_lines, pad_to, broken_fibers, mask_neighbours, data_checks=True) -> dict:
+    """:func:`calib_patch` on the host: the patch's NumPy arrays, its :class:`_Static` and meta
+    (``data_checks=False``: the images were checked before, :func:`check_patch`)."""
     fibers, box, real, plines, gh_terms = check_patch(
         psf_init, arcs, flats, lines=lines, fibers=fibers, specmin=specmin, nspec=nspec,
         waverange=waverange, xyrange=xyrange, what=what, trace_deg=trace_deg, gh_terms=gh_terms,
         flat_deg=flat_deg, bucket=bucket, allow_no_lines=allow_no_lines,
-        min_hw=(int((pad_to or {}).get("H", 0)), int((pad_to or {}).get("W", 0))), broken_fibers=broken_fibers)
+        min_hw=(int((pad_to or {}).get("H", 0)), int((pad_to or {}).get("W", 0))), broken_fibers=broken_fibers,
+        data_checks=data_checks)
     f0, nf = int(fibers[0]), len(fibers)
     live = ~np.isin(fibers, check_broken_fibers(broken_fibers, f0, nf))
     ny, nx = psf_init.stamp_shape
@@ -952,8 +1150,9 @@ def calib_patch(
     sterms = ()
     if "shape" in what:
         sterms = shape_terms_of(psf_init) if shape_terms is None else tuple(shape_terms)
+        index = psf_init.param_index  # one bound method (each attribute access of an eqx method builds one)
         for n in sterms:
-            psf_init.param_index(n)
+            index(n)
         ncoef = psf_init.params.shape[2]
         nk = ncoef if legdeg_wave is None else int(legdeg_wave) + 1
         if not 1 <= nk <= ncoef:
@@ -978,21 +1177,14 @@ def calib_patch(
 
     # the fibers' bands: every spot of fiber i over the box rows, with a margin
     rows = np.arange(box[2] - ny, box[3] + ny, dtype=float)
-    wrows = np.asarray(psf_init.wavelength(fibers[:, None], rows[None, :]))
-    wrows = np.clip(wrows, psf_init.wmin, psf_init.wmax)
-    xtr = np.asarray(psf_init.x(fibers[:, None], wrows))
+    wrows = np.clip(_host_wavelength(psf_init, fibers, rows), psf_init.wmin, psf_init.wmax)
+    xtr = _host_x(psf_init, fibers, wrows)
     xlo_ccd = np.floor(xtr.min(axis=1) - psf_init.hsizex - band_margin).astype(int)
     xhi_ccd = np.ceil(xtr.max(axis=1) + psf_init.hsizex + band_margin).astype(int) + 1
     Wb = max(_round_up(int((xhi_ccd - xlo_ccd).max()), 4), int(pad_to.get("Wb", 0)))
     pad = Wb
     xlo = xlo_ccd - box[0] + pad
-    dmax = 0
-    for d in range(1, nf):
-        if np.any(xlo[d:] - xlo[:-d] < Wb):
-            dmax = d
-        else:
-            break
-    dmax = max(dmax, min(int(pad_to.get("dmax", 0)), nf - 1))
+    dmax = max(_dmax(xlo, Wb), min(int(pad_to.get("dmax", 0)), nf - 1))
 
     lw = lv = None
     nline = 0
@@ -1005,7 +1197,7 @@ def calib_patch(
     nsamp = nbasis = 0
     if nflat:
         lamp = flat_spectrum if flat_lamp is None else flat_lamp
-        fwave = flat_wave_grid(psf_init, f0, nf, box, flat_dw)
+        fwave = _flat_grid(psf_init, fibers, box, flat_dw)
         tt = (fwave - fwave[0]) * (2.0 / max(fwave[-1] - fwave[0], 1e-9)) - 1.0
         basis = np.polynomial.legendre.legvander(tt, flat_deg) * (np.asarray(lamp(fwave)) * flat_dw)[:, None]
         nsamp = max(_round_up(len(fwave), 64), int(pad_to.get("nsamp", 0)))
@@ -1015,16 +1207,8 @@ def calib_patch(
         fb = np.zeros((nsamp, nbasis))
         fb[: len(fwave)] = basis
 
-    # gather slots: the most stamps (of one kind) reaching one band row, with room for trace shifts
-    nq = 0
-    for wv in ([] if lw is None else [lw[lv]]) + ([] if fw is None else [fw[: len(fwave)]]):
-        r = np.floor(_trace_np(psf_init.ycoef, psf_init.ydomain, fibers, wv) - psf_init.hsizey).astype(int) - box[2]
-        L = H + 2 * ny + 2  # stamp k covers band rows r .. r + ny - 1: +1 at r, -1 at r + ny, summed up
-        at = np.arange(nf)[:, None] * L + ny + 1
-        cnt = (np.bincount((at + np.clip(r, -ny - 1, H + ny)).ravel(), minlength=nf * L)
-               - np.bincount((at + np.clip(r + ny, -ny - 1, H + ny)).ravel(), minlength=nf * L))
-        nq = max(nq, int(np.cumsum(cnt.reshape(nf, L), axis=1).max()))
-    nq = max(_round_up(nq + 4, 4), int(pad_to.get("nq", 0)))
+    waves = ([] if lw is None else [lw[lv]]) + ([] if fw is None else [fw[: len(fwave)]])
+    nq = max(_slots(psf_init, fibers, waves, box[2], H), int(pad_to.get("nq", 0)))
 
     data = np.zeros((len(inputs), H, W + 2 * pad))
     sqw = np.zeros_like(data)
@@ -1038,24 +1222,116 @@ def calib_patch(
         nf=nf, H=H, W=W, Wb=Wb, pad=pad, narc=narc, nflat=nflat, nline=nline, nsamp=nsamp,
         nbasis=nbasis, dmax=dmax, psf_shapes=tuple((k, tuple(v)) for k, v in pshapes.items()),
         gh_terms=gh_terms, colors=_colors(pshapes), shape_terms=sterms, nsig=nsig, nq=nq,
+        pair_cols=_pair_cols(xlo, Wb, dmax),
     )
+    arrays = dict(fibers=np.asarray(fibers, np.int32), data=data, sqw=sqw, xlo=np.asarray(xlo, np.int32),
+                  y0=np.asarray(box[2], np.int32), x0=np.asarray(box[0], np.int32),
+                  lwave=lw if narc else np.zeros(1), lvalid=lv if narc else np.zeros(1, bool),
+                  fwave=fw if nflat else np.zeros(1), fbasis=fb if nflat else np.zeros((1, 1)), live=np.asarray(live))
+    return dict(arrays=arrays, static=static, meta=dict(box=box, real_box=real, lines=plines))
+
+
+_INT_FIELDS = ("fibers", "xlo", "y0", "x0")
+
+
+def _patch_of(psf: GaussHermitePSF, h: dict, stacked: bool = False) -> CalibPatch:
+    """The :class:`CalibPatch` of :func:`_host_patch`'s arrays (``stacked``: of
+    :func:`stack_host_patches`, every field with a leading block axis, the PSF's too)."""
     dt = jnp.result_type(float)
-    patch = CalibPatch(
-        psf=psf_init,
-        fibers=jnp.asarray(fibers, jnp.int32),
-        data=jnp.asarray(data, dt),
-        sqw=jnp.asarray(sqw, dt),
-        xlo=jnp.asarray(xlo, jnp.int32),
-        y0=jnp.asarray(box[2], jnp.int32),
-        x0=jnp.asarray(box[0], jnp.int32),
-        lwave=jnp.asarray(lw if narc else np.zeros(1), dt),
-        lvalid=jnp.asarray(lv if narc else np.zeros(1, bool)),
-        fwave=jnp.asarray(fw if nflat else np.zeros(1), dt),
-        fbasis=jnp.asarray(fb if nflat else np.zeros((1, 1)), dt),
-        live=jnp.asarray(live),
-        static=static,
-    )
-    return patch, dict(box=box, real_box=real, lines=plines)
+    a = h["arrays"]
+    kw = {k: jnp.asarray(v, jnp.int32 if k in _INT_FIELDS else (bool if v.dtype == bool else dt))
+          for k, v in a.items()}
+    if stacked:
+        n = a["data"].shape[0]
+        psf = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), psf)
+    return CalibPatch(psf=psf, static=h["static"], **kw)
+
+
+def _dmax(xlo: np.ndarray, Wb: int) -> int:
+    """The largest fiber distance whose bands (``Wb`` wide, at ``xlo``) overlap."""
+    dmax = 0
+    for d in range(1, len(xlo)):
+        if np.any(xlo[d:] - xlo[:-d] < Wb):
+            dmax = d
+        else:
+            break
+    return dmax
+
+
+def _pair_cols(xlo: np.ndarray, Wb: int, dmax: int) -> tuple:
+    """Per fiber distance ``d = 0 .. dmax``: how many of fiber ``f``'s last band columns can
+    overlap fiber ``f + d``'s band (``Wb`` less the smallest offset ``xlo[f + d] - xlo[f]``),
+    the columns :meth:`CalibPatch.pair_products` multiplies."""
+    out = []
+    for d in range(dmax + 1):
+        o = np.clip(xlo[d:] - xlo[:len(xlo) - d], 0, Wb)
+        out.append(int(Wb - o.min()) if len(o) else 0)
+    return tuple(out)
+
+
+def _slots(psf: GaussHermitePSF, fibers, waves, y0: int, H: int) -> int:
+    """Gather slots (``nq``): the most stamps (of one kind: each of ``waves``) of ``fibers``
+    reaching one band row of the ``H`` rows from ``y0``, with room for trace shifts."""
+    ny = psf.stamp_shape[0]
+    nf = len(fibers)
+    nq = 0
+    for wv in waves:
+        r = np.floor(_host_y(psf, fibers, wv) - psf.hsizey).astype(int) - y0
+        L = H + 2 * ny + 2  # stamp k covers band rows r .. r + ny - 1: +1 at r, -1 at r + ny, summed up
+        at = np.arange(nf)[:, None] * L + ny + 1
+        cnt = (np.bincount((at + np.clip(r, -ny - 1, H + ny)).ravel(), minlength=nf * L)
+               - np.bincount((at + np.clip(r + ny, -ny - 1, H + ny)).ravel(), minlength=nf * L))
+        nq = max(nq, int(np.cumsum(cnt.reshape(nf, L), axis=1).max()))
+    return _round_up(nq + 4, 4)
+
+
+def pad_host_patch(psf: GaussHermitePSF, h: dict, sizes: dict) -> dict:
+    """:func:`_host_patch`'s patch padded on the host to ``sizes`` (``H``, ``W``, ``Wb``,
+    ``nline``, ``nsamp`` at least the patch's): zero-weight rows and columns, padding lines
+    and flat samples; ``dmax`` and ``nq`` recomputed for the new frame (raise them further with
+    :func:`stack_host_patches`).  Same fit as the patch itself: only pixels of no weight and
+    stamps of no light are added."""
+    s, a = h["static"], dict(h["arrays"])
+    H, W, Wb = (max(int(sizes.get(k, 0)), getattr(s, k)) for k in ("H", "W", "Wb"))
+    nline, nsamp = max(int(sizes.get("nline", 0)), s.nline), max(int(sizes.get("nsamp", 0)), s.nsamp)
+    nimg = a["data"].shape[0]
+    for k in ("data", "sqw"):
+        out = np.zeros((nimg, H, W + 2 * Wb))
+        out[:, :s.H, Wb:Wb + s.W] = a[k][:, :, s.pad:s.pad + s.W]
+        a[k] = out
+    a["xlo"] = (a["xlo"] + (Wb - s.pad)).astype(np.int32)
+    if s.narc and nline > s.nline:
+        a["lwave"] = np.concatenate([a["lwave"], np.full(nline - s.nline, a["lwave"][0])])
+        a["lvalid"] = np.concatenate([a["lvalid"], np.zeros(nline - s.nline, bool)])
+    if s.nflat and nsamp > s.nsamp:
+        a["fwave"] = np.concatenate([a["fwave"], np.full(nsamp - s.nsamp, a["fwave"][0])])
+        a["fbasis"] = np.concatenate([a["fbasis"], np.zeros((nsamp - s.nsamp, s.nbasis))])
+    nq = s.nq
+    if H > s.H:
+        waves = ([a["lwave"][a["lvalid"]]] if s.narc else []) + ([a["fwave"][np.any(a["fbasis"] != 0, axis=1)]]
+                                                                  if s.nflat else [])
+        nq = max(nq, _slots(psf, a["fibers"], waves, int(a["y0"]), H))
+    dmax = max(s.dmax, _dmax(a["xlo"], Wb))
+    static = dataclasses.replace(s, H=H, W=W, Wb=Wb, pad=Wb, nline=nline if s.narc else 0,
+                                 nsamp=nsamp if s.nflat else 0, dmax=dmax, nq=nq,
+                                 pair_cols=_pair_cols(a["xlo"], Wb, dmax))
+    box = h["meta"]["box"]
+    meta = dict(h["meta"], box=(box[0], box[0] + W, box[2], box[2] + H))
+    return dict(arrays=a, static=static, meta=meta)
+
+
+def stack_host_patches(psf: GaussHermitePSF, hs: Sequence[dict]) -> CalibPatch:
+    """Patches of :func:`pad_host_patch` (one shape) as one :class:`CalibPatch` with a leading
+    block axis on every field (for ``jax.vmap``); ``dmax`` and ``nq`` are their largest."""
+    st = hs[0]["static"]
+    dmax = max(h["static"].dmax for h in hs)
+    cols = np.max([_pair_cols(h["arrays"]["xlo"], st.Wb, dmax) for h in hs], axis=0)
+    st = dataclasses.replace(st, dmax=dmax, nq=max(h["static"].nq for h in hs), pair_cols=tuple(int(c) for c in cols))
+    for h in hs:
+        if dataclasses.replace(h["static"], dmax=st.dmax, nq=st.nq, pair_cols=st.pair_cols) != st:
+            raise ValueError("patches of different shapes cannot be stacked: pad them to one (pad_host_patch)")
+    arrays = {k: np.stack([h["arrays"][k] for h in hs]) for k in hs[0]["arrays"]}
+    return _patch_of(psf, dict(arrays=arrays, static=st), stacked=True)
 
 
 # ---------------------------------------------------------------- compiled pieces
