@@ -65,6 +65,8 @@ ap.add_argument("--wavelength", default=None, help="--full: wmin,wmax (default t
 ap.add_argument("--legdeg-wave", type=int, default=None, help="--full: wavelength degree (default the file's)")
 ap.add_argument("--trace-deg", type=int, default=None, help="--full: trace degree (default the file's)")
 ap.add_argument("--legdeg-fiber", type=int, default=1, help="--full: the shape series' degree over a bundle's fibers")
+ap.add_argument("--no-project-start", action="store_true",
+                help="--full: add the series to the start's coefficients as they are (fit_psf_full(project_start=False))")
 ap.add_argument("--maxiter", type=int, default=20)
 ap.add_argument("--step-tol", type=float, default=0.1, help="--full: stop below this step [sigma]")
 ap.add_argument("--rows-per-block", type=int, default=128)
@@ -285,7 +287,7 @@ def full_model():
 
     res = jaxspec.fit_psf_full(start, [arc], [flat], lines=lines, specmin=0, nspec=nspec,
                                bundlesize=args.bundlesize, waverange=wr, legdeg_wave=args.legdeg_wave,
-                               legdeg_fiber=args.legdeg_fiber,
+                               legdeg_fiber=args.legdeg_fiber, project_start=not args.no_project_start,
                                trace_deg=args.trace_deg, maxiter=args.maxiter, step_tol=args.step_tol,
                                rows_per_block=args.rows_per_block,
                                patches_per_call=args.patches_per_call, bundle_progress=bundle_done,

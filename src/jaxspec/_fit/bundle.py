@@ -58,7 +58,7 @@ from .._simulation.calib import LineList
 from ..psf._gausshermite import GaussHermitePSF
 from .ccd import (STATUS_FAILED, STATUS_NOT_CONVERGED, STATUS_OK, BundleStatus, CCDFit, bundle_id, precheck_bundles,
                   set_status_row)
-from .params import FiberIndices, apply_psf_params, shape_terms_of
+from .params import FiberIndices, apply_psf_params, bundle_series_start, shape_terms_of
 from .patch import (BrokenFibers, BundleInputError, CalibPatch, _host_patch, check_broken_fibers, check_fiber_light,
                     check_patch, pad_host_patch, stack_host_patches, without_idle_tails)
 
@@ -530,6 +530,7 @@ def fit_bundle(
     patches_per_call: int = 16,
     callback: Callable | None = None,
     broken_fibers: BrokenFibers = None,
+    project_start: bool = True,
 ) -> BundleFit:
     """Fit the full PSF model of one bundle to arcs and flats (see the module docstring).
 
@@ -562,6 +563,10 @@ def fit_bundle(
         broken_fibers: fibers of the bundle without light (specex's ``--broken-fibers``): not
             fitted, their spots not modelled, their coefficients the input's; the bundle's
             fiber-direction series is fitted to the other fibers (see the module docstring).
+        project_start: start from the projection of ``psf_init``'s shape coefficients on the
+            bundle's series (:func:`jaxspec._fit.params.bundle_series_start`), so that the result
+            is one series of degrees (``legdeg_fiber``, ``legdeg_wave``) per bundle, as specex's;
+            False adds the series to ``psf_init``'s coefficients as they are.
 
     Returns:
         A :class:`BundleFit`.
@@ -577,7 +582,9 @@ def fit_bundle(
     broken = check_broken_fibers(broken_fibers, int(fibers[0]), len(fibers)) if fibers.size else np.zeros(0, int)
     _check_bundle(psf_init, arcs, flats, fibers, broken, lines=lines, waverange=r["waverange"],
                   rows_per_block=rows_per_block, trace_deg=r["trace_deg"], flat_deg=flat_deg, legdeg_fiber=legdeg_fiber)
-    fits, st = _fit_bundles(psf_init, arcs, flats, [fibers], [broken], [0], lines=lines, waverange=r["waverange"],
+    start = bundle_series_start(psf_init, [fibers], r["sterms"], legdeg_fiber, legdeg_wave,
+                                broken) if project_start else psf_init
+    fits, st = _fit_bundles(start, arcs, flats, [fibers], [broken], [0], lines=lines, waverange=r["waverange"],
                             rows_per_block=rows_per_block, trace_deg=r["trace_deg"], sterms=r["sterms"],
                             legdeg_fiber=legdeg_fiber, legdeg_wave=legdeg_wave, flat_deg=flat_deg, maxiter=maxiter,
                             step_tol=step_tol, chi2_rtol=chi2_rtol, chi2_atol=chi2_atol, lam0=lam0,
@@ -613,6 +620,7 @@ def fit_psf_full(
     callback: Callable | None = None,
     bundle_progress: Callable | None = None,
     broken_fibers: BrokenFibers = None,
+    project_start: bool = True,
 ) -> CCDFit:
     """The full model of every bundle of fibers ``specmin .. specmin + nspec - 1``, fitted together.
 
@@ -654,8 +662,10 @@ def fit_psf_full(
     for i, b in enumerate(bundles):
         if i not in pre:
             groups.setdefault(len(b), []).append(i)
+    start = bundle_series_start(psf_init, [bundles[i] for i in range(len(bundles)) if i not in pre], r["sterms"],
+                                legdeg_fiber, legdeg_wave, broken) if project_start else psf_init
     for _, idx in groups.items():
-        f, st = _fit_bundles(psf_init, arcs, flats, [bundles[i] for i in idx],
+        f, st = _fit_bundles(start, arcs, flats, [bundles[i] for i in idx],
                              [bundles[i][np.isin(bundles[i], broken)] for i in idx],
                              [bundle_id(bundles[i], i, specmin, bundlesize) for i in idx], lines=lines,
                              waverange=r["waverange"], rows_per_block=rows_per_block, trace_deg=r["trace_deg"],

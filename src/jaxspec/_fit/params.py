@@ -16,7 +16,7 @@ from jaxtyping import Int
 
 from ..psf._gausshermite import GaussHermitePSF
 
-__all__ = ["ALL_WHAT", "DEFAULT_GH_TERMS", "DEFAULT_WHAT", "FiberIndices", "LIN_KEYS", "PSF_KEYS", "apply_psf_params", "fiber_legendre", "shape_terms_of"]
+__all__ = ["ALL_WHAT", "DEFAULT_GH_TERMS", "DEFAULT_WHAT", "FiberIndices", "LIN_KEYS", "PSF_KEYS", "apply_psf_params", "bundle_series_start", "fiber_legendre", "shape_terms_of"]
 
 #: Fiber indices as a caller gives them: a sequence of ints or a 1-D integer array (NumPy or JAX).
 FiberIndices = Sequence[int] | Int[np.ndarray, " nfib"] | Int[jax.Array, " nfib"]
@@ -43,6 +43,54 @@ def fiber_legendre(nf: int, deg: int) -> np.ndarray:
     """``(nf, deg + 1)`` Legendre basis over the bundle's fibers (first -> -1, last -> +1); host constants."""
     t = np.linspace(-1.0, 1.0, nf) if nf > 1 else np.zeros(1)
     return np.polynomial.legendre.legvander(t, deg)
+
+
+def bundle_series_start(psf: GaussHermitePSF, bundles: Sequence[Sequence[int] | np.ndarray], terms: Sequence[str],
+                        legdeg_fiber: int, legdeg_wave: int | None,
+                        broken: Sequence[int] | np.ndarray = ()) -> GaussHermitePSF:
+    """``psf`` with every bundle's shape coefficients projected on the full model's series (host, NumPy).
+
+    For each bundle and each of ``terms`` (and GH-0-0, which scales them): the wavelength
+    Legendre coefficients above ``legdeg_wave`` are dropped (over the file's wavelength
+    domain that is the least-squares projection: the basis is orthogonal there) and each
+    remaining coefficient is least-squares fitted over the bundle's live fibers by a
+    Legendre series of degree ``legdeg_fiber`` in fiber position (:func:`fiber_legendre`).
+    So the start is a point of the fitted family, and the fit (the start plus the series
+    ``pc``) is one per-bundle series of these degrees, as specex's PSF is; a start whose
+    coefficients bend across a bundle (another night's fit) no longer leaves that bend as
+    a floor the fit cannot remove.  Broken fibers keep their rows bit for bit.
+
+    Args:
+        psf: the starting PSF, ``params`` ``(nparam, nspec, ncoef)``.
+        bundles: each bundle's consecutive fibers (absolute indices).
+        terms: parameter names to project (e.g. :func:`shape_terms_of`).
+        legdeg_fiber: Legendre degree over a bundle's fibers.
+        legdeg_wave: wavelength degree kept (None: all ``ncoef`` coefficients).
+        broken: fibers without light, left as they are.
+
+    Returns:
+        A GaussHermitePSF with the projected ``params`` (traces unchanged).
+    """
+    pars = np.array(psf.params, dtype=float)
+    ncoef = pars.shape[2]
+    nk = ncoef if legdeg_wave is None else int(legdeg_wave) + 1
+    names = list(dict.fromkeys((["GH-0-0"] if "GH-0-0" in psf.param_names else []) + list(terms)))
+    rows = np.asarray([psf.param_index(n) for n in names], dtype=int)
+    dead = set(int(f) for f in np.ravel(np.asarray(broken, dtype=int)))
+    for fib in bundles:
+        fib = np.asarray(fib, dtype=int)
+        live = np.asarray([int(f) not in dead for f in fib])
+        if live.sum() < legdeg_fiber + 1:
+            continue
+        basis = fiber_legendre(len(fib), legdeg_fiber)  # (nf, legdeg_fiber + 1), over the whole bundle
+        sub = pars[rows][:, fib[live], :nk]  # (nterm, nlive, nk)
+        coef, *_ = np.linalg.lstsq(basis[live], np.moveaxis(sub, 1, 0).reshape(int(live.sum()), -1), rcond=None)
+        fitted = np.moveaxis((basis[live] @ coef).reshape((int(live.sum()),) + sub.shape[::2]), 0, 1)
+        block = pars[rows][:, fib[live], :]
+        block[:, :, :nk] = fitted
+        block[:, :, nk:] = 0.0
+        pars[rows[:, None], fib[live][None, :], :] = block
+    return eqx.tree_at(lambda p: p.params, psf, jnp.asarray(pars, dtype=psf.params.dtype))
 
 
 # ---------------------------------------------------------------- parameters
