@@ -61,7 +61,8 @@ ap.add_argument("--full", action="store_true", help="the full model (fit_psf_ful
 ap.add_argument("--start", default=str(_data / "psf-r0-00051060.fits"), help="--full: the starting PSF")
 ap.add_argument("--nspec", type=int, default=None, help="--full: fibers 0..nspec-1 (default all)")
 ap.add_argument("--bundlesize", type=int, default=25)
-ap.add_argument("--wavelength", default=None, help="--full: wmin,wmax (default the common range)")
+ap.add_argument("--wavelength", default=None,
+                help="--full: wmin,wmax (default the camera's DESI extraction range inside the PSF's common range)")
 ap.add_argument("--legdeg-wave", type=int, default=None, help="--full: wavelength degree (default the file's)")
 ap.add_argument("--trace-deg", type=int, default=None, help="--full: trace degree (default the file's)")
 ap.add_argument("--legdeg-fiber", type=int, default=1, help="--full: the shape series' degree over a bundle's fibers")
@@ -253,12 +254,28 @@ def print_table(rows, checks, ext, t_chk):
               + " (target |mean| < 0.02, std 0.97-1.03)", flush=True)
 
 
+#: DESI's standard extraction grids [A] (b, r, z): the range the spectra are extracted over
+DESI_RANGES = {"b": (3600.0, 5800.0), "r": (5760.0, 7620.0), "z": (7520.0, 9824.0)}
+
+
+def desi_range(psf) -> tuple[float, float]:
+    """The camera's standard extraction range inside the PSF's common range (the camera whose grid overlaps it most).
+
+    The PSF files reach 150-200 A beyond it (r: 5608-7736 A on every fiber), where no arc line
+    falls (r's lines span 5764-7695 A): there the y traces are extrapolated (measured up to
+    0.06 px off at 5608 A, fit of 2026-12-02), so the fit is judged where the spectra are extracted.
+    """
+    lo, hi = float(psf.wmin_all), float(psf.wmax_all)
+    best = max(DESI_RANGES.values(), key=lambda r: min(r[1], hi) - max(r[0], lo))
+    return max(best[0], lo), min(best[1], hi)
+
+
 def full_model():
     """The full model from another night's PSF; prints and returns a summary."""
     truth = jaxspec.read_psf(args.psf)
     start = jaxspec.read_psf(args.start)
     nspec = truth.nspec if args.nspec is None else args.nspec
-    wr = ((truth.wmin_all, truth.wmax_all) if args.wavelength is None
+    wr = (desi_range(truth) if args.wavelength is None
           else tuple(float(v) for v in args.wavelength.split(",")))
     print(f"device: {jax.devices()[0]}; full model, {nspec} fibers, {wr[0]:.0f}-{wr[1]:.0f} A, start {args.start}",
           flush=True)
