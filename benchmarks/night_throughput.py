@@ -124,7 +124,7 @@ def _renamed(jobs, tag: str):
 
 def _means(summary) -> dict:
     recs = summary.records
-    keys = ("read_s", "geometry_s", "wait_s", "compute_s", "dispatch_s", "handoff_s", "write_s")
+    keys = ("read_s", "geometry_s", "wait_s", "compute_s", "dispatch_s", "fetch_s", "handoff_s", "write_s")
     return {k: sum(r[k] for r in recs) / len(recs) for k in keys}
 
 
@@ -143,7 +143,7 @@ def run_mode(jobs, opts, tag: str, overlap: bool, readers: int, writers: int, pr
         prof.dump_stats(profile)
     if s.failed:
         raise SystemExit(f"{tag}: {s.failed} frame(s) failed: {s.failures()[:3]}")
-    keys = ("read_s", "geometry_s", "wait_s", "compute_s", "dispatch_s", "handoff_s", "write_s")
+    keys = ("read_s", "geometry_s", "wait_s", "compute_s", "dispatch_s", "fetch_s", "handoff_s", "write_s")
     per_frame = [{k: round(r[k], 4) for k in keys} for r in s.records]
     return dict(mode=tag, frames=s.done, seconds=s.seconds, s_per_frame=s.seconds / s.done,
                 frames_per_hour=3600.0 * s.done / s.seconds, **_means(s), per_frame=per_frame)
@@ -326,7 +326,7 @@ def main() -> None:
     ap.add_argument("--nspec", type=int, default=None, help="fibers (default: all of the PSF's)")
     ap.add_argument("--wavelength", default=None, help="wmin,wmax,dw (default: the PSF's range at 0.8 A)")
     ap.add_argument("--modes", default="night", help="night and/or serial (comma-separated; default night)")
-    ap.add_argument("--readers", type=int, default=2, help="reader threads (default 2)")
+    ap.add_argument("--readers", type=int, default=3, help="reader threads (default 3, as extract-batch)")
     ap.add_argument("--writers", type=int, default=2, help="writer threads (default 2)")
     ap.add_argument("--sweep", default=None, metavar="RxW,...",
                     help="night mode again with each READERSxWRITERS thread count, e.g. 2x2,3x2 (a count may repeat)")
@@ -418,9 +418,9 @@ def main() -> None:
         print(f"{r['mode']:8s} {r.get('wall_s', r['seconds']):7.2f} {r['s_per_frame']:8.3f} {per:12.0f}   "
               f"           {stages}")
         if "dispatch_s" in r:
-            print(f"{'':8s} main thread per frame: dispatch {r['dispatch_s']:.2f}, fetch "
-                  f"{r['compute_s'] - r['dispatch_s']:.2f}, waiting for readers {r['wait_s']:.2f}, "
-                  f"for writers {r['handoff_s']:.2f} s")
+            print(f"{'':8s} main thread per frame: dispatch {r['dispatch_s']:.2f} (waits while the device's queue "
+                  f"is full), waiting for readers {r['wait_s']:.2f}, for writers {r['handoff_s']:.2f} s; "
+                  f"fetch {r.get('fetch_s', 0.0):.2f} s (writer threads)")
     if floors:
         host = floors["read"]["min_s"] + floors["geometry"]["min_s"] + floors["write"]["min_s"]
         dv = floors["device"]["min_s"]
