@@ -23,7 +23,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from .geometry import PatchGeometry, patch_geometry
 from .options import ExtractOptions
-from .patch import _kernel_psf, _patch_inputs, _round_up, _solve_chunk, _Static, default_chunk_size
+from .patch import _kernel_psf, _patch_inputs, _round_up, _solve_chunk, _Static, blas_threads, default_chunk_size
 from ..psf import PSF
 
 
@@ -294,19 +294,23 @@ def extract_patches(
     # wraps around to the first patches (same shape) and drops their results
     sel = np.arange(nchunk * chunk) % npatch
     stacked = {k: jnp.asarray(v[sel].reshape((nchunk, chunk) + v.shape[1:])) for k, v in inputs.items()}
-    targets = _stitch_targets(geom, nbin)[sel]
-    targets[npatch:] = nout
-    targets = jnp.asarray(targets.reshape(nchunk, -1))
+    places = {k: jnp.asarray(v[sel].reshape((nchunk, chunk) + v.shape[1:])) for k, v in _stitch_places(geom).items()}
+    places["real"] = jnp.asarray((np.arange(nchunk * chunk) < npatch).reshape(nchunk, chunk))
 
     if progress is not None:
         progress(0, npatch)
     kpsf = _kernel_psf(psf)  # one compiled program for every exposure's PSF of a camera
-    for c in range(nchunk):
-        chunk_inputs, tgt = _take_chunk(stacked, targets, c)
-        res = solve_chunk(kpsf, canvas_img, canvas_ivar, chunk_inputs, regularize, minweight_frac, psferr, static)
-        out = _stitch(out, res, tgt)
-        if progress is not None:
-            progress(min((c + 1) * chunk, npatch), npatch)
+    # CPU: one BLAS thread while the chunks run (XLA's threads have the cores), restored
+    # once they are done
+    with blas_threads(1 if static.offset_steps else None):
+        for c in range(nchunk):
+            chunk_inputs, where = _take_chunk(stacked, places, c)
+            res = solve_chunk(kpsf, canvas_img, canvas_ivar, chunk_inputs, regularize, minweight_frac, psferr, static)
+            out = _stitch(out, res, where, nwave)
+            if progress is not None:
+                progress(min((c + 1) * chunk, npatch), npatch)
+        if static.offset_steps:
+            _wait(out)
 
     shape = (geom.nspec, nwave)
     dw = np.gradient(geom.wave)[None, :]
@@ -340,14 +344,25 @@ def _pad_canvas(img, ivr, box):
 
 
 @jax.jit
-def _take_chunk(stacked: dict, targets, c):
-    """Chunk ``c`` of the stacked per-patch inputs and of the output indices."""
-    return {k: v[c] for k, v in stacked.items()}, targets[c]
+def _take_chunk(stacked: dict, places: dict, c):
+    """Chunk ``c`` of the stacked per-patch inputs and of their places in the outputs."""
+    return {k: v[c] for k, v in stacked.items()}, {k: v[c] for k, v in places.items()}
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _stitch(out: dict, res: dict, tgt):
-    """Scatter one chunk's patch results into the flat outputs (one compiled call)."""
+@functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
+def _stitch(out: dict, res: dict, where: dict, nwave: int):
+    """Scatter one chunk's patch results into the flat outputs (one compiled call).
+
+    The flat output index of every unknown is computed here from the chunk's few
+    per-patch numbers (:func:`_stitch_places`; ``real`` False for the patches that only
+    fill the last chunk, whose results are dropped), not sent from the host.
+    """
+    nout = out["flux"].shape[0]
+    nbin = res["flux"].shape[-1]
+    local = jnp.arange(nbin, dtype=jnp.int32)[None, None, :] - where["keep_lo"][:, None, None]
+    fiber = where["out_fiber"][:, :, None]
+    kept = (local >= 0) & (local < where["keep_n"][:, None, None]) & (fiber >= 0) & where["real"][:, None, None]
+    tgt = jnp.where(kept, fiber * nwave + where["out_wave"][:, None, None] + local, nout).reshape(-1)
     new = {}
     for name, arr in out.items():
         if name == "resolution":
@@ -358,6 +373,13 @@ def _stitch(out: dict, res: dict, tgt):
     return new
 
 
+def _wait(tree) -> None:
+    """Wait for the arrays of ``tree`` (not tracers: under jit or grad there is nothing to wait for)."""
+    tracer = getattr(jax.core, "Tracer", None) or jax._src.core.Tracer  # public in jax 0.10, moving
+    jax.block_until_ready([x for x in jax.tree_util.tree_leaves(tree)
+                           if isinstance(x, jax.Array) and not isinstance(x, tracer)])
+
+
 def _platform(x) -> str:
     """The platform the array ``x`` lives on (JAX's default backend for a tracer)."""
     try:
@@ -366,12 +388,17 @@ def _platform(x) -> str:
         return jax.default_backend()
 
 
-def _stitch_targets(geom: PatchGeometry, nbin: int) -> np.ndarray:
-    """(P, F, K) flat output index of every patch unknown, or an out-of-range index to drop."""
-    nwave = len(geom.wave)
-    nout = geom.nspec * nwave
-    k = np.arange(nbin)[None, None, :]
-    local = k - geom.keep_lo[:, None, None]
-    kept = (local >= 0) & (local < geom.keep_n[:, None, None]) & (geom.out_fiber[:, :, None] >= 0)
-    idx = geom.out_fiber[:, :, None] * nwave + geom.out_wave[:, None, None] + local
-    return np.where(kept, idx, nout).astype(np.int64)
+def _stitch_places(geom: PatchGeometry) -> dict[str, np.ndarray]:
+    """Per patch, where its kept unknowns go in the flat outputs (host, a few numbers a patch).
+
+    ``out_fiber`` (P, F): output row of each fiber slot (-1: a neighbour, not kept);
+    ``out_wave`` (P,): output column of the first kept bin; ``keep_lo``, ``keep_n`` (P,):
+    the kept bins' first index in the patch and their count.  Unknown ``(f, k)`` of a
+    patch lands at ``out_fiber[f] * nwave + out_wave + k - keep_lo`` (:func:`_stitch`).
+    """
+    return dict(
+        out_fiber=geom.out_fiber.astype(np.int32),
+        out_wave=geom.out_wave.astype(np.int32),
+        keep_lo=geom.keep_lo.astype(np.int32),
+        keep_n=geom.keep_n.astype(np.int32),
+    )

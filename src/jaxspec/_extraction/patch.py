@@ -1,4 +1,5 @@
-"""The compiled kernel: one patch from spots to diagnostics, vmapped over a chunk of patches.
+"""The compiled kernel: one patch from spots to diagnostics, vmapped over a chunk of patches
+(on CPUs mapped, one patch after another).
 
 For one patch (F fibers x K wavelength bins, a margin box of NY x NX pixels):
 
@@ -15,10 +16,14 @@ mode), so every frame of one shape shares one compiled program.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
 import dataclasses
 import functools
 import math
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +32,7 @@ import numpy as np
 from ..psf import PSF
 from ..solve import solve_patch
 from .geometry import PatchGeometry
-from .projection import gather_box, model_box, normal_equations, pixel_diagnostics
+from .projection import gather_box, model_box, normal_equations, normal_equations_regions, pixel_diagnostics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +49,12 @@ class _Static:
     #: fibers a patch keeps (its own, not its neighbours): only these are decorrelated;
     #: None decorrelates every slot
     nkeep: int | None = None
-    #: the CPU's kernel: the normal equations assembled one (fiber, bin) offset per step
-    #: (``normal_equations(offset_group=1)``, a loop XLA:CPU runs faster than the fused
-    #: gather of every offset), then the same block-band solve as on accelerators; the
-    #: same results to rounding (docs/performance.md, "CPU (2-core CI machine)")
+    #: the CPU's kernel: the patches of a chunk one after another (``lax.map``), the
+    #: normal equations of each assembled one (fiber, bin) offset per step over the
+    #: stamps' overlap only (:func:`normal_equations_regions`, a loop XLA:CPU runs
+    #: faster than the fused gather of every offset), then the same block-band solve
+    #: as on accelerators; the same results to rounding (docs/performance.md, "CPU
+    #: (2-core CI machine)")
     offset_steps: bool = False
 
 
@@ -137,8 +144,11 @@ def _solve_one_patch(psf: PSF, image, ivar, inputs, regularize, minweight_frac, 
         iv = jnp.where(inside, iv, 0.0)
         img = jnp.where(inside, img, 0.0)
     with jax.named_scope("normal_equations"):
-        q, y, fluxweight = normal_equations(stamps, cy, cx, valid, img, iv, static.band, static.fiber_band,
-                                            offset_group=1 if static.offset_steps else None)
+        if static.offset_steps:
+            q, y, fluxweight = normal_equations_regions(stamps, cy, cx, valid, img, iv, static.band,
+                                                        static.fiber_band)
+        else:
+            q, y, fluxweight = normal_equations(stamps, cy, cx, valid, img, iv, static.band, static.fiber_band)
     with jax.named_scope("solve"):
         sol = solve_patch(
             q, y, fluxweight, valid.reshape(-1), static.nfiber, static.nbin, static.ndiag,
@@ -157,19 +167,122 @@ def _solve_one_patch(psf: PSF, image, ivar, inputs, regularize, minweight_frac, 
 @functools.partial(jax.jit, static_argnames=("static",))
 def _solve_chunk(psf, image, ivar, inputs, regularize, minweight_frac, psferr, static):
     fn = functools.partial(_solve_one_patch, static=static)
+    if static.offset_steps:
+        # CPU: one patch after another; the assembly's lax.switch stays a branch (under
+        # vmap it would run every size class) and one patch's stamps stay in cache
+        return jax.lax.map(lambda x: fn(psf, image, ivar, x, regularize, minweight_frac, psferr), inputs)
     return jax.vmap(fn, in_axes=(None, None, None, 0, None, None, None))(
         psf, image, ivar, inputs, regularize, minweight_frac, psferr
     )
 
 
 def default_chunk_size() -> int:
-    """Patches per compiled call: many on accelerators, two on CPUs.
+    """Patches per compiled call: 512 on accelerators, 32 on CPUs.
 
-    On a CPU a patch's padded stamps take ~7 MB at the reference settings: two
-    patches' fit the cache that every offset of the assembly gathers from (2-core
-    machine, reference cases: 0.40/0.24 s with two per call, 0.43/0.32 s with all 20
-    in one; docs/performance.md, "CPU (2-core CI machine)").
+    On a CPU the patches of a call run one after another (``lax.map``), so the
+    working set is one patch's whatever the chunk; 32 patches a call (the reference
+    cases' 20 in one) leave little host work per patch (docs/performance.md,
+    "CPU (2-core CI machine)").
     """
-    return 512 if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else 2
+    return 512 if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else 32
 
 
+#: (library name part, set, get) of the BLAS thread-count controls probed in the
+#: process's loaded libraries: OpenBLAS (plain, 64-bit-integer and the scipy/numpy
+#: wheels' prefixed builds), MKL, BLIS
+_BLAS_CONTROLS = (
+    ("openblas", "openblas_set_num_threads", "openblas_get_num_threads"),
+    ("openblas", "openblas_set_num_threads64_", "openblas_get_num_threads64_"),
+    ("openblas", "scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
+    ("openblas", "scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
+    ("mkl_rt", "MKL_Set_Num_Threads", "MKL_Get_Max_Threads"),
+    ("blis", "bli_thread_set_num_threads", "bli_thread_get_num_threads"),
+)
+_blas_found: dict[str, list] = {}
+_blas_scan: list = []  # [len(sys.modules) at the last scan, its controls]
+
+
+def _loaded_libraries() -> list[str]:
+    """Paths of the shared libraries mapped into this process (Linux; [] elsewhere)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split(None, 5)[-1].strip() for line in f if ".so" in line}
+    except OSError:
+        return []
+    return sorted(p for p in paths if p.startswith("/"))
+
+
+def _blas_thread_controls() -> list[tuple]:
+    """``(set, get)`` ctypes functions of every BLAS thread pool loaded in this process
+    (the scan again only once more modules are imported: libraries come with them)."""
+    key = len(sys.modules)
+    if _blas_scan and _blas_scan[0] == key:
+        return _blas_scan[1]
+    found = []
+    for path in _loaded_libraries():
+        name = os.path.basename(path).lower()
+        if not any(part in name for part, _, _ in _BLAS_CONTROLS):
+            continue
+        if path not in _blas_found:
+            funcs = []
+            try:
+                lib = ctypes.CDLL(path, mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_LOCAL)
+            except OSError:
+                lib = None
+            for part, set_name, get_name in _BLAS_CONTROLS:
+                if lib is None or part not in name:
+                    continue
+                try:
+                    set_fn, get_fn = getattr(lib, set_name), getattr(lib, get_name)
+                except AttributeError:
+                    continue
+                set_fn.restype, set_fn.argtypes = None, [ctypes.c_int]
+                get_fn.restype, get_fn.argtypes = ctypes.c_int, []
+                funcs.append((set_fn, get_fn))
+                break
+            _blas_found[path] = funcs
+        found.extend(_blas_found[path])
+    _blas_scan[:] = [key, found]
+    return found
+
+
+@contextlib.contextmanager
+def blas_threads(n: int | None):
+    """Limit the loaded BLAS libraries (OpenBLAS, MKL, BLIS) to ``n`` threads inside the block.
+
+    XLA:CPU's LAPACK calls (Cholesky, triangular solves, eigh) go through the BLAS
+    that scipy links; its own thread pool then competes with XLA's for the same
+    cores.  The CPU extraction runs with one BLAS thread (docs/performance.md, "CPU
+    (2-core CI machine)"); each library's previous count is restored on exit.
+    ``n=None`` does nothing (accelerators).  Uses threadpoolctl where it is
+    The libraries' C API through ctypes (found in ``/proc/self/maps``), else
+    threadpoolctl where it is installed; a BLAS neither knows is left alone.  The count is the process's: BLAS calls of other threads meanwhile
+    see it too.
+    """
+    if n is None:
+        yield
+        return
+    controls = _blas_thread_controls()
+    if not controls and ("threadpoolctl" in sys.modules or _has_threadpoolctl()):
+        import threadpoolctl
+
+        with threadpoolctl.threadpool_limits(limits=int(n), user_api="blas"):
+            yield
+        return
+    before = [get() for _, get in controls]
+    for (set_fn, _), old in zip(controls, before):
+        if old != n:
+            set_fn(int(n))
+    try:
+        yield
+    finally:
+        for (set_fn, get_fn), old in zip(controls, before):
+            if get_fn() != old:
+                set_fn(old)
+
+
+@functools.lru_cache(maxsize=1)
+def _has_threadpoolctl() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("threadpoolctl") is not None

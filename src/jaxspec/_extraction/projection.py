@@ -113,8 +113,109 @@ def normal_equations(
 
     groups = jnp.asarray(padded.reshape(ngroup, group, 2))
     vals = overlaps(groups[0]) if ngroup == 1 else jax.lax.map(overlaps, groups).reshape(ngroup * group, n)
+    return _to_band(vals, nf, nk, fband, band), rhs, fluxweight
+
+
+def _to_band(vals, nf, nk, fband, band):
+    """The (noff, n) values of every offset and unknown, as the lower block band (nf, fband + 1, nk, nk)."""
     flat = jnp.concatenate([vals.reshape(-1), jnp.zeros((1,), vals.dtype)])
-    return flat[_band_index(nf, nk, fband, band)], rhs, fluxweight
+    return flat[_band_index(nf, nk, fband, band)]
+
+
+def region_sizes(n: int) -> tuple[int, ...]:
+    """The static window lengths along a stamp axis of ``n`` pixels that
+    :func:`normal_equations_regions` picks from: about 0.3 n, 0.6 n and n
+    (11 rows: 3, 7, 11; 17 columns: 5, 10, 17).  The last is the whole axis, so
+    every overlap fits one."""
+    return tuple(sorted({max(1, int(round(0.3 * n))), max(1, int(round(0.6 * n))), int(n)}))
+
+
+def normal_equations_regions(
+    stamps: Float[Array, "F K ny nx"],
+    cy: Int[Array, "F K"],
+    cx: Int[Array, "F K"],
+    valid: Bool[Array, "F K"],
+    image: Float[Array, "NYm NXm"],
+    ivar: Float[Array, "NYm NXm"],
+    band: int,
+    fiber_band: int | None = None,
+    sizes: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+) -> tuple[Float[Array, "F w1 K K"], Float[Array, " n"], Float[Array, " n"]]:
+    """:func:`normal_equations`, one (fiber, bin) offset per step, each over the stamps' overlap only.
+
+    The CPU's assembly (the same results to rounding; arguments and returns as
+    :func:`normal_equations`).  At one offset every unknown's stamp meets its
+    partner's shifted by (oy, ox): they share a window of ``ny - |oy|`` rows by
+    ``nx - |ox|`` columns, most often much less than the whole stamp.  Each step
+    takes the union of those windows over the patch's live pairs (both unknowns
+    valid with a non-zero stamp, close enough to overlap), rounds its height and
+    width up to the next of ``sizes`` (static; default :func:`region_sizes` of
+    each axis, the largest the whole stamp) and multiplies only that window of
+    every unknown's ``S W`` with its partner's shifted stamp: a ``lax.switch``
+    over the size classes, and a branch of exact zeros for an offset with no live
+    pair.  Outside the union the products are zero (at least one stamp is zero
+    there), so the sums are those over the whole stamps.
+
+    Under ``vmap`` the switch becomes a select over all branches (correct, slower):
+    run patches one after another (``lax.map``) to keep it a branch.
+    """
+    nf, nk, ny, nx = stamps.shape
+    n = nf * nk
+    fband = nf - 1 if fiber_band is None else min(int(fiber_band), nf - 1)
+    hs, ws = (region_sizes(ny), region_sizes(nx)) if sizes is None else (tuple(sizes[0]), tuple(sizes[1]))
+    if max(hs) != ny or max(ws) != nx:
+        raise ValueError(f"the largest region sizes {max(hs), max(ws)} must be the stamp's {ny, nx}")
+    s, cy, cx, sw, rhs, fluxweight = _weighted_stamps(stamps, cy, cx, valid, image, ivar)
+    live = valid.reshape(n) & jnp.any(s != 0, axis=(1, 2))
+    spad = jnp.pad(s, ((0, 0), (ny, ny), (nx, nx)))
+
+    offsets = _offsets(fband, band)
+    fi = np.arange(n) // nk
+    ki = np.arange(n) % nk
+    # every offset's partners at once (noff, n), static
+    fj = fi[None, :] + offsets[:, :1]
+    kj = ki[None, :] + offsets[:, 1:]
+    inside = (fj < nf) & (kj >= 0) & (kj < nk)
+    j = jnp.asarray((np.clip(fj, 0, nf - 1) * nk + np.clip(kj, 0, nk - 1)).astype(np.int32))
+    oy = (cy[j] - cy[None, :]).astype(jnp.int32)
+    ox = (cx[j] - cx[None, :]).astype(jnp.int32)
+    ok = jnp.asarray(inside) & (jnp.abs(oy) < ny) & (jnp.abs(ox) < nx)
+    pair = ok & live[None, :] & live[j]
+    # the union of the live pairs' overlaps, in the unknown's stamp coordinates
+    big = jnp.int32(4 * (ny + nx))
+    r0 = jnp.min(jnp.where(pair, jnp.maximum(oy, 0), big), axis=1)
+    r1 = jnp.max(jnp.where(pair, jnp.minimum(ny + oy, ny), -big), axis=1)
+    c0 = jnp.min(jnp.where(pair, jnp.maximum(ox, 0), big), axis=1)
+    c1 = jnp.max(jnp.where(pair, jnp.minimum(nx + ox, nx), -big), axis=1)
+    hcls = jnp.searchsorted(jnp.asarray(hs, jnp.int32), r1 - r0, side="left").astype(jnp.int32)
+    wcls = jnp.searchsorted(jnp.asarray(ws, jnp.int32), c1 - c0, side="left").astype(jnp.int32)
+    branch = jnp.where(jnp.any(pair, axis=1), 1 + hcls * len(ws) + wcls, 0)
+    # partner rows / columns of the stamp's row / column 0 in the padded stamps
+    py = jnp.clip(ny - oy, 0, 2 * ny)
+    px = jnp.clip(nx - ox, 0, 2 * nx)
+
+    def region(h, w):
+        def run(a):
+            jj, pyy, pxx, okk, r, c = a
+            r = jnp.clip(r, 0, ny - h)
+            c = jnp.clip(c, 0, nx - w)
+            win = jax.lax.dynamic_slice(sw, (jnp.int32(0), r, c), (n, h, w))
+            cut = lambda q, b, d: jax.lax.dynamic_slice(spad, (q, b + r, d + c), (1, h, w))[0]  # noqa: E731
+            shifted = jax.vmap(cut)(jj, pyy, pxx)
+            return jnp.where(okk, jnp.sum(win * shifted, axis=(1, 2)), 0.0)
+        return run
+
+    def nothing(a):  # exact zeros, typed as the other branches (shard_map: varying over its axis)
+        return jnp.where(a[3], jnp.sum(sw[:, :0, :0], axis=(1, 2)), 0.0)
+
+    branches = [nothing] + [region(h, w) for h in hs for w in ws]
+
+    def step(carry, a):
+        b = a[0]
+        return carry, jax.lax.switch(b, branches, a[1:])
+
+    _, vals = jax.lax.scan(step, None, (branch, j, py, px, ok, r0, c0))
+    return _to_band(vals, nf, nk, fband, band), rhs, fluxweight
 
 
 def _weighted_stamps(stamps, cy, cx, valid, image, ivar):
