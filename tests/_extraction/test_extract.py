@@ -97,6 +97,7 @@ def _extract_small(f, image=None, ivar=None, **kw):
     )
 
 
+@pytest.mark.slow  # 30-80 s on 2 cores (stop 22 durations)
 def test_decorrelation_modes_both_unbiased(small_frame):
     for mode in ("signal", "full"):
         ex = _extract_small(small_frame, decorrelate=mode)
@@ -178,6 +179,7 @@ def tiny_problem():
     return dict(psf=psf, wave=wave, image=jnp.asarray(image), ivar=jnp.asarray(ivar), geom=geom)
 
 
+@pytest.mark.slow  # 30-80 s on 2 cores (stop 22 durations)
 def test_gradients_wrt_image_and_ivar(tiny_problem):
     t = tiny_problem
     w = jnp.asarray(np.random.default_rng(0).normal(size=(5, 24)))
@@ -189,6 +191,7 @@ def test_gradients_wrt_image_and_ivar(tiny_problem):
     check_grads(loss, (t["image"], t["ivar"]), order=1, modes=["rev"], eps=1e-4, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow  # 30-80 s on 2 cores (stop 22 durations)
 def test_gradients_wrt_psf_parameters(tiny_problem):
     t = tiny_problem
     psf = t["psf"]

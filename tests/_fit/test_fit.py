@@ -76,6 +76,7 @@ def bundle_fit(psf_true):
     return dict(res=res, truth=truth, psf_init=psf_init, nf=nf, history=history)
 
 
+@pytest.mark.slow  # 30-80 s on 2 cores (stop 22 durations)
 def test_bundle_fit_recovers_parameters_within_3_sigma(bundle_fit):
     """Every fitted correction (105 of them) within 3 sigma of the truth; pulls ~ N(0, 1)."""
     res = bundle_fit["res"]
@@ -95,6 +96,7 @@ def test_bundle_fit_recovers_parameters_within_3_sigma(bundle_fit):
     assert np.all(np.diff(chi2) <= 0)
 
 
+@pytest.mark.slow  # 30-80 s on 2 cores (stop 22 durations)
 def test_fitted_psf_extracts_unbiased_and_perturbed_does_not(bundle_fit, psf_true):
     """Pulls of a science frame: std 0.97-1.03 with the fitted PSF, biased with the perturbed one."""
     nf = bundle_fit["nf"]
@@ -121,6 +123,7 @@ def test_fitted_psf_extracts_unbiased_and_perturbed_does_not(bundle_fit, psf_tru
     assert abs(perturbed.mean()) > 0.5 and perturbed.std() > 1.3, (perturbed.mean(), perturbed.std())
 
 
+@pytest.mark.slow  # 30-80 s on 2 cores (stop 22 durations)
 def test_fitted_psf_file_round_trips(bundle_fit, tmp_path):
     """write_psf -> read_psf gives back the fitted coefficients and spots exactly."""
     psf = bundle_fit["res"].psf
@@ -212,6 +215,7 @@ def test_small_fit_converges_and_psf_cov_is_positive(small):
     assert np.all(res.params["line_flux"][..., nl:] == 0) and np.all(np.isinf(res.errors["line_flux"][..., nl:]))
 
 
+@pytest.mark.slow  # 30-80 s on 2 cores (stop 22 durations)
 def test_flux_jacobian_matches_finite_differences_and_propagates(small):
     """d flux / d PSF parameters from forward mode against central differences along a direction."""
     res = small["res"]
