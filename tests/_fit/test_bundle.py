@@ -233,7 +233,7 @@ def test_full_model_flux_jacobian_and_propagation(psf_path):
             n = np.size(res.params[k])
             d[k] = jnp.asarray(p[i:i + n].reshape(np.shape(res.params[k])))
             i += n
-        ps = jaxspec.apply_psf_params(psf, d, res.fibers, shape_terms=res.shape_terms).with_traces()
+        ps = jaxspec.apply_psf_params(res.psf_init, d, res.fibers, shape_terms=res.shape_terms).with_traces()
         return np.asarray(jaxspec.extract(image, ivar, ps, wave, specmin=0, nspec=nf, xyrange=ebox,
                                           options=jaxspec.ExtractOptions(bundlesize=nf, nsubbundles=1,
                                                                          nwavestep=len(wave))).flux)
