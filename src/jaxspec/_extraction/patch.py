@@ -254,10 +254,10 @@ def blas_threads(n: int | None):
     that scipy links; its own thread pool then competes with XLA's for the same
     cores.  The CPU extraction runs with one BLAS thread (docs/performance.md, "CPU
     (2-core CI machine)"); each library's previous count is restored on exit.
-    ``n=None`` does nothing (accelerators).  Uses threadpoolctl where it is
-    The libraries' C API through ctypes (found in ``/proc/self/maps``), else
-    threadpoolctl where it is installed; a BLAS neither knows is left alone.  The count is the process's: BLAS calls of other threads meanwhile
-    see it too.
+    ``n=None`` does nothing (accelerators).  It uses the libraries' C API through
+    ctypes (found in ``/proc/self/maps``), else threadpoolctl where it is installed;
+    a BLAS neither knows is left alone.  The count is the process's: BLAS calls of
+    other threads meanwhile see it too.
     """
     if n is None:
         yield

@@ -67,9 +67,9 @@ def normal_equations(
             (default: all of them, one fused gather and product, whose intermediate
             XLA does not form); smaller groups loop over them.  H200, reference
             settings, s per frame: all 0.075, 29 (two steps) 0.073, 4 0.088, 1 0.143.
-            XLA:CPU is the other way round: one offset per step (1) is the CPU's
-            kernel (2-core machine, reference case f000-024, 20 patches per call:
-            1 0.43 s, all 0.71 s).
+            XLA:CPU is the other way round (2-core machine, reference case f000-024,
+            20 patches per call: 1 0.43 s, all 0.71 s); its kernel is
+            :func:`normal_equations_regions`.
 
     Returns:
         Qb (F, w + 1, K, K) with ``Qb[f, d] = Q[fiber f, fiber f - d]`` and
@@ -100,13 +100,7 @@ def normal_equations(
     ki = jnp.arange(n, dtype=jnp.int32) % nk
 
     def overlaps(off):  # off (G, 2) -> (G, n) values of Q[partner, unknown]
-        fj = fi[None, :] + off[:, :1]
-        kj = ki[None, :] + off[:, 1:]
-        ok = (fj < nf) & (kj >= 0) & (kj < nk)
-        j = jnp.clip(fj, 0, nf - 1) * nk + jnp.clip(kj, 0, nk - 1)
-        oy = (cy[j] - cy[None, :]).astype(jnp.int32)
-        ox = (cx[j] - cx[None, :]).astype(jnp.int32)
-        ok = ok & (jnp.abs(oy) < ny) & (jnp.abs(ox) < nx)
+        j, oy, ox, ok = _partners(off, fi, ki, nf, nk, cy, cx, (ny, nx))
         cut = lambda jj, a, b: jax.lax.dynamic_slice(spad, (jj, a, b), (1, ny, nx))[0]  # noqa: E731
         shifted = jax.vmap(jax.vmap(cut))(j, jnp.clip(ny - oy, 0, 2 * ny), jnp.clip(nx - ox, 0, 2 * nx))
         return jnp.where(ok, jnp.sum(sw[None] * shifted, axis=(2, 3)), 0.0)
@@ -114,6 +108,20 @@ def normal_equations(
     groups = jnp.asarray(padded.reshape(ngroup, group, 2))
     vals = overlaps(groups[0]) if ngroup == 1 else jax.lax.map(overlaps, groups).reshape(ngroup * group, n)
     return _to_band(vals, nf, nk, fband, band), rhs, fluxweight
+
+
+def _partners(off, fi, ki, nf: int, nk: int, cy, cx, stamp_shape: tuple[int, int]):
+    """Each unknown's partner at each (fiber, bin) offset ``off`` (G, 2): its flat index
+    ``j`` (G, n), the corners' difference ``oy``, ``ox`` (G, n) and ``ok`` (G, n): the
+    partner exists and the two stamps can share a pixel."""
+    ny, nx = stamp_shape
+    fj = fi[None, :] + off[:, :1]
+    kj = ki[None, :] + off[:, 1:]
+    ok = (fj < nf) & (kj >= 0) & (kj < nk)
+    j = jnp.clip(fj, 0, nf - 1) * nk + jnp.clip(kj, 0, nk - 1)
+    oy = (cy[j] - cy[None, :]).astype(jnp.int32)
+    ox = (cx[j] - cx[None, :]).astype(jnp.int32)
+    return j, oy, ox, ok & (jnp.abs(oy) < ny) & (jnp.abs(ox) < nx)
 
 
 def _to_band(vals, nf, nk, fband, band):
@@ -169,17 +177,10 @@ def normal_equations_regions(
     live = valid.reshape(n) & jnp.any(s != 0, axis=(1, 2))
     spad = jnp.pad(s, ((0, 0), (ny, ny), (nx, nx)))
 
-    offsets = _offsets(fband, band)
-    fi = np.arange(n) // nk
-    ki = np.arange(n) % nk
-    # every offset's partners at once (noff, n), static
-    fj = fi[None, :] + offsets[:, :1]
-    kj = ki[None, :] + offsets[:, 1:]
-    inside = (fj < nf) & (kj >= 0) & (kj < nk)
-    j = jnp.asarray((np.clip(fj, 0, nf - 1) * nk + np.clip(kj, 0, nk - 1)).astype(np.int32))
-    oy = (cy[j] - cy[None, :]).astype(jnp.int32)
-    ox = (cx[j] - cx[None, :]).astype(jnp.int32)
-    ok = jnp.asarray(inside) & (jnp.abs(oy) < ny) & (jnp.abs(ox) < nx)
+    fi = jnp.arange(n, dtype=jnp.int32) // nk
+    ki = jnp.arange(n, dtype=jnp.int32) % nk
+    # every offset's partners at once (noff, n)
+    j, oy, ox, ok = _partners(jnp.asarray(_offsets(fband, band)), fi, ki, nf, nk, cy, cx, (ny, nx))
     pair = ok & live[None, :] & live[j]
     # the union of the live pairs' overlaps, in the unknown's stamp coordinates
     big = jnp.int32(4 * (ny + nx))

@@ -575,28 +575,15 @@ def run_batch(
     def settle(u, rec, ld, arrays, ok, err, queued: bool):
         """Hand a frame's results to the writer, or record its failure.
 
-        A queued frame's results are still on the device: with IO overlapped the writer
-        thread fetches them (the main thread goes on feeding the device), else they are
-        fetched here first.
+        A queued frame (only the overlapped run queues) still has its results on the
+        device: the writer thread fetches them, so the main thread goes on feeding the
+        device.
         """
-        if ok and queued and overlap and w.rank == u.root and arrays is not None:
-            t0 = time.perf_counter()
-            writer.put(rec, ld, arrays, opts, overwrite, True)
-            rec["handoff_s"] = time.perf_counter() - t0
-            finished()
-            return
-        if ok and queued and arrays is not None:
-            t0 = time.perf_counter()
-            try:
-                arrays = job.fetch_arrays(arrays)
-            except BaseException as e:  # noqa: BLE001 - reported per frame
-                ok, err, arrays = False, fail_text(e), None
-            rec["compute_s"] += time.perf_counter() - t0
         if w.rank == u.root:
             if ok:
                 if overlap:
                     t0 = time.perf_counter()
-                    writer.put(rec, ld, arrays, opts, overwrite)
+                    writer.put(rec, ld, arrays, opts, overwrite, queued and arrays is not None)
                     rec["handoff_s"] = time.perf_counter() - t0
                 else:
                     record(*_do_write(rec, ld, arrays, opts, overwrite))
