@@ -9,7 +9,8 @@ The public API:
 * Extraction: :func:`extract` -> :class:`Extraction`; :func:`patch_geometry` and
   :func:`extract_patches` (a fixed geometry, e.g. to differentiate through the PSF).
 * Calibration: :func:`simulate_arc`, :func:`simulate_flat`, :func:`arc_lines`,
-  :func:`fit_psf`, :func:`fit_psf_ccd`, :func:`fit_bundle` (the full model), :func:`flux_jacobian`,
+  :func:`fit_psf`, :func:`fit_psf_ccd`, :func:`fit_bundle` (the full model), :func:`measure_trace_offsets`
+  and :func:`apply_trace_offsets` (a start PSF a few pixels off), :func:`flux_jacobian`,
   :func:`propagate_psf_uncertainty`.
 * Many frames and devices: :func:`run_batch` of :class:`FrameJob` s,
   :func:`extract_sharded` (local devices), :func:`extract_distributed` (MPI ranks).
@@ -31,6 +32,7 @@ from ._version import __version__
 _HOMES = {
     "apply_psf_params": "._fit",
     "apply_resolution": ".solve",
+    "apply_trace_offsets": "._fit",
     "arc_lines": "._simulation.calib",
     "BundleFit": "._fit",
     "calib_patch": "._fit",
@@ -59,6 +61,7 @@ _HOMES = {
     "GaussHermite2PSF": ".psf",
     "GaussianPSF": ".psf",
     "LineList": "._simulation.calib",
+    "measure_trace_offsets": "._fit",
     "OptionError": "._extraction.options",
     "patch_geometry": "._extraction.geometry",
     "plot_extraction": "._plots",
@@ -80,6 +83,7 @@ _HOMES = {
     "simulate_flat": "._simulation.calib",
     "solve": ".solve",
     "TraceGaussianPSF": ".psf",
+    "TraceOffset": "._fit",
     "write_frame": "._io.frames",
     "write_lines": "._simulation.calib",
     "write_preproc": "._io.frames",
@@ -92,6 +96,7 @@ __all__ = [
     "__version__",
     "apply_psf_params",
     "apply_resolution",
+    "apply_trace_offsets",
     "arc_lines",
     "BundleFit",
     "calib_patch",
@@ -120,6 +125,7 @@ __all__ = [
     "GaussHermite2PSF",
     "GaussianPSF",
     "LineList",
+    "measure_trace_offsets",
     "OptionError",
     "patch_geometry",
     "PatchGeometry",
@@ -141,6 +147,7 @@ __all__ = [
     "simulate_flat",
     "solve",
     "TraceGaussianPSF",
+    "TraceOffset",
     "write_frame",
     "write_lines",
     "write_preproc",
@@ -185,13 +192,16 @@ if TYPE_CHECKING:  # the same names for type checkers and documentation tools
         CalibPatch,
         CCDFit,
         FitResult,
+        TraceOffset,
         apply_psf_params,
+        apply_trace_offsets,
         calib_patch,
         fit_bundle,
         fit_psf,
         fit_psf_ccd,
         fit_psf_full,
         flux_jacobian,
+        measure_trace_offsets,
         propagate_psf_uncertainty,
     )
     from ._io.frames import Frame, Preproc, read_frame, read_preproc, write_frame, write_preproc

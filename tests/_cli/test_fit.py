@@ -150,7 +150,7 @@ def test_fit_psf_arc_without_light_fails_before_fitting(cli_run, capsys):
 
 
 def test_fit_psf_full_model_options_checked_before_fitting(cli_run, capsys):
-    """--model full with specex's option names: bad degrees and unsupported options refused at once."""
+    """--model full with specex's option names: bad degrees and options misused refused at once."""
     d = cli_run["d"]
     out = d / "psf-full.fits"
     base = ["fit-psf", "--input-image", str(d / "arc.fits"), "--input-image", str(d / "flat.fits"),
@@ -160,11 +160,17 @@ def test_fit_psf_full_model_options_checked_before_fitting(cli_run, capsys):
     assert "--legendre-deg-wave 9" in capsys.readouterr().err
     assert main([*base, "--legendre-deg-x", "5"]) == 2
     assert "--legendre-deg-x 5" in capsys.readouterr().err
-    assert main([*base, "--plot", str(d / "full.png")]) == 2
+    assert main([*base, "--plot", str(out)]) == 2  # the residual plot over the output PSF
     assert "--plot" in capsys.readouterr().err
-    assert main([*base, "--fit-continuum"]) == 2  # specex's option, not implemented: refused, not ignored
-    err = capsys.readouterr().err
-    assert "--fit-continuum" in err and "not implemented" in err
+    blocks = [a for a in base if a not in ("--model", "full")]
+    for opt in ("--fit-continuum", "--fit-psf-tails"):  # options of the full model: refused, not ignored, without it
+        assert main([*blocks, opt]) == 2
+        err = capsys.readouterr().err
+        assert opt in err and "--model full" in err
+    assert main([*base, "--fit-continuum", "--continuum-deg", "-1"]) == 2
+    assert "--continuum-deg -1" in capsys.readouterr().err
+    assert main([*base[:2], *base[4:], "--fit-continuum"]) == 2  # the flat only: no arc continuum to fit
+    assert "at least one arc" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -256,7 +262,8 @@ def test_fit_psf_full_model_dead_fiber_refused_before_fitting(dead_run, capsys):
 def test_fit_psf_broken_fiber_end_to_end(cli_run, dead_run, capsys, caplog):
     """A dead fiber: refused without --broken-fibers (exit 2, naming it and the option); with it,
     the other fibers fit as well as in ``cli_run`` (traces within 0.02 px of the truth) and the
-    dead fiber's XTRACE, YTRACE and PSF rows are the input file's bit for bit, STATUS 3,
+    dead fiber's XTRACE, YTRACE and PSF rows are the input file's bit for bit (but the traces'
+    constant coefficient, shifted with its bundle's by the alignment: B00ALDX, B00ALDY), STATUS 3,
     NBROKEN / BROKEN in the header.  Over fibers 0-9 in two bundles, bundle 1 without lamp light
     is flagged (status 2, exit 1) while bundle 0 is fitted exactly as alone; declared broken,
     bundle 1 gets status 3 and the exit status is 0."""
@@ -276,7 +283,9 @@ def test_fit_psf_broken_fiber_end_to_end(cli_run, dead_run, capsys, caplog):
     hdr0, xt0, yt0, coeff0, names0 = _psf_hdu(d / "psf-init.fits")
     assert names == names0
     st = names.index("STATUS")
-    assert xt[2].tobytes() == xt0[2].tobytes() and yt[2].tobytes() == yt0[2].tobytes()
+    assert xt[2, 1:].tobytes() == xt0[2, 1:].tobytes() and yt[2, 1:].tobytes() == yt0[2, 1:].tobytes()
+    np.testing.assert_allclose([xt[2, 0] - xt0[2, 0], yt[2, 0] - yt0[2, 0]], [hdr["B00ALDX"], hdr["B00ALDY"]],
+                               rtol=0, atol=1e-9)
     keep = [i for i in range(len(names)) if i != st]
     assert coeff[keep][:, 2].tobytes() == coeff0[keep][:, 2].tobytes()
     np.testing.assert_array_equal(coeff[st, :6, 0], [0, 0, 3, 0, 0, coeff0[st, 5, 0]])
@@ -305,3 +314,38 @@ def test_fit_psf_broken_fiber_end_to_end(cli_run, dead_run, capsys, caplog):
     hdr3, _, _, coeff3, _ = _psf_hdu(three)
     assert hdr3["B01STAT"] == 3 and hdr3["NBROKEN"] == 6 and hdr3["BROKEN"] == "2,5,6,7,8,9"
     np.testing.assert_array_equal(coeff3[st, :10, 0], [0, 0, 3, 0, 0, 3, 3, 3, 3, 3])
+
+
+def test_fit_psf_alignment_options(cli_run, capsys):
+    """--max-shift below 1 px: refused at once.  A start 3.4 px, -2.7 px off the images searched over
+    --max-shift 2 (both models): the peak at the window's edge, refused before any fitting (exit 2,
+    naming the fibers and --max-shift).  --no-align and --max-shift are parsed and in the help."""
+    import time
+
+    from jaxspec._cli.main import build_parser
+    from jaxspec._fit.align import TraceOffset, apply_trace_offsets
+
+    d = cli_run["d"]
+    shifted = apply_trace_offsets(cli_run["psf"], [TraceOffset(np.arange(5), -3.4, 2.7, "", "", np.nan, np.nan,
+                                                               np.nan, np.nan, 8.0)])
+    jaxspec.write_psf(d / "psf-shifted.fits", shifted, overwrite=True)
+    out = d / "never-aligned.fits"
+    base = ["fit-psf", "--arc", str(d / "arc.fits"), "--flat", str(d / "flat.fits"), "--psf-init",
+            str(d / "psf-shifted.fits"), "-o", str(out), "-s", "0", "-n", "5", "--bundlesize", "5", "--nblocks", "1",
+            "--wavelength", WAVE, "--lines", str(d / "lines.txt")]
+    assert main([*base, "--max-shift", "0.5"]) == 2
+    assert "--max-shift 0.5" in capsys.readouterr().err
+    t0 = time.perf_counter()
+    for model in ("blocks", "full"):
+        assert main([*base, "--max-shift", "2", "--model", model]) == 2, model
+        err = capsys.readouterr().err
+        assert "fibers 0-4 match best at the edge of the search window (+-2 px" in err and "--max-shift" in err, err
+    assert time.perf_counter() - t0 < 10.0 and not out.exists()
+    parser = build_parser()
+    args = parser.parse_args(["fit-psf", "-o", "x.fits", "--no-align", "--max-shift", "4.5"])
+    assert args.align is False and args.max_shift == 4.5
+    args = parser.parse_args(["fit-psf", "-o", "x.fits"])
+    assert args.align is True and args.max_shift == 8.0
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    text = sub.choices["fit-psf"].format_help()
+    assert "--no-align" in text and "--max-shift PIXELS" in text

@@ -6,7 +6,8 @@ same exposures with fiber 2 lit.  Fitted from a perturbed start, fibers 0-4 as a
 
 * with ``broken_fibers=[2]`` the other fibers fit as well as when fiber 2 is lit (their
   corrections within 3 sigma of the truth, their uncertainties within the tolerances
-  stated in each test), and fiber 2's coefficients are the start's, bit for bit;
+  stated in each test), and fiber 2's coefficients are the start's, bit for bit (with the
+  bundle fits' alignment, its traces shifted with its bundle's: ``apply_trace_offsets``);
 * without it, the dead fiber is refused before any fitting, naming ``--broken-fibers``;
 * in a CCD fit, a bundle without lamp light is flagged and the others go on, a bundle all
   of whose fibers are broken is flagged ``STATUS_BROKEN``, and the written PSF says which
@@ -33,6 +34,7 @@ from jaxspec._fit import (
     fit_psf_full,
     propagate_psf_uncertainty,
 )
+from jaxspec._fit.align import apply_trace_offsets
 from jaxspec._fit.patch import _normal_equations
 from jaxspec._simulation.calib import arc_lines, simulate_arc, simulate_flat
 
@@ -216,7 +218,8 @@ def test_broken_fiber_full_model(sim):
         assert np.all(res.params[k][DEAD] == 0) and np.all(np.isinf(res.errors[k][DEAD]))
     ratio = res.errors["pc"] / ref.errors["pc"]
     assert np.all((ratio > 0.95) & (ratio < 1.25)), ratio
-    _same_rows(res.psf, sim["init_full"], [DEAD])
+    # the broken fiber keeps the start's coefficients, its traces shifted with its bundle's (the alignment)
+    _same_rows(res.psf, apply_trace_offsets(sim["init_full"], [res.offset]), [DEAD])
     r = truth.param_index("GHSIGX")
     coef = np.asarray(res.psf.params[r, :5, 0])
     np.testing.assert_allclose(np.diff(coef[GOOD]) / np.diff(GOOD), (coef[4] - coef[0]) / 4, rtol=1e-9, atol=1e-15)
@@ -250,7 +253,8 @@ def test_ccd_fit_flags_bundles_and_writes_broken_fibers(sim, tmp_path):
     assert hdr["NBROKEN"] == 6 and hdr["BROKEN"] == "2,5,6,7,8,9" and hdr["B01STAT"] == STATUS_BROKEN
     path = jaxspec.write_psf(tmp_path / "psf.fits", res.psf, header=hdr)
     back = jaxspec.read_psf(path)
-    _same_rows(back, start, broken, skip_rows=("STATUS",))
+    assert res.offsets[1] is None and res.offsets[0] is not None  # bundle 1: every fiber broken, not aligned
+    _same_rows(back, apply_trace_offsets(start, res.offsets), broken, skip_rows=("STATUS",))
     status = np.asarray(back.params[back.param_index("STATUS"), :12, 0])
     np.testing.assert_array_equal(status[broken], STATUS_BROKEN)
     np.testing.assert_array_equal(status[GOOD], res.bundles[0].status)

@@ -156,7 +156,7 @@ def test_apply_psf_params_full_model_is_a_fiber_legendre_series(psf_path):
 
 
 @pytest.mark.slow
-def test_full_fit_from_another_night(psf_path):
+def test_full_fit_from_another_night(psf_path, tmp_path):
     """Start psf-r0-00051060, truth psf-r0-00067784: 5 fibers, 6300-6500 A, arc + flat.
 
     One bundle of the full model on the CPU: 208 s on the loaded 2-core machine since the
@@ -166,6 +166,12 @@ def test_full_fit_from_another_night(psf_path):
     RMS 0.060 -> 0.0068 px, y trace RMS 0.134 -> 0.034 px (5 arc lines in range),
     worst spot difference 0.0098 -> 0.0040.  The issue's acceptance (0.01 px,
     1e-3) is NOT met here.
+
+    With the alignment (default since issue 18 item 3: the start's mean trace offset measured on
+    the images and removed first; measured dx +0.067, dy +0.135 px): chi2/dof 1.050 at the aligned
+    start -> 1.0070, converged in 10 iterations (81 s); x trace RMS 0.060 (the file) -> 0.0085 (aligned)
+    -> 0.0040 px, y 0.134 -> 0.0056 -> 0.027 px (within its noise: 0.033 px, see docs/fitting.md),
+    worst spot difference 0.0098 -> 0.0014 -> 0.0036.
     """
     truth = jaxspec.read_psf(psf_path("psf-r0-00067784.fits"))
     start = jaxspec.read_psf(psf_path("psf-r0-00051060.fits"))
@@ -176,7 +182,8 @@ def test_full_fit_from_another_night(psf_path):
     flat = simulate_flat(truth, specmin=0, nspec=nf, xyrange=box, seed=2)
     res = jaxspec.fit_bundle(start, [arc], [flat], lines=lines, fibers=np.arange(nf), waverange=wr,
                              trace_deg=2, legdeg_wave=1, maxiter=15)
-    assert res.chi2_history[0] > 3 * res.chi2
+    assert abs(res.offset.dy) > 0.1  # the nights' y offset, removed before the fit
+    assert res.chi2_history[0] > 1.02 * res.chi2  # 3.16 / 1.007 without the alignment
     assert np.all(np.diff(res.chi2_history) <= 0)
     assert abs(res.reduced_chi2 - 1) < 0.01
     rng = np.random.default_rng(0)
@@ -195,6 +202,18 @@ def test_full_fit_from_another_night(psf_path):
     assert out["fit"][2] < 0.006 and out["start"][2] > 0.009
     # the round trip keeps every fitted coefficient
     assert res.psf.param_names == start.param_names
+    # the residuals of the fitted PSF over its middle block (what fit-psf --model full --plot draws):
+    # at the noise, where the start's are not
+    from jaxspec._fit.bundle import bundle_residuals
+    from jaxspec._plots import plot_fit_residuals
+
+    r_fit = bundle_residuals(res, [arc], [flat], lines=lines)
+    r_start = bundle_residuals(res, [arc], [flat], lines=lines, psf=start)
+    assert r_fit.niter == 0 and r_fit.xyrange[2] == res.boxes[len(res.boxes) // 2][2]
+    assert abs(r_fit.reduced_chi2 - 1) < 0.05 < r_start.reduced_chi2 - 1
+    assert [k for k in r_fit.kinds] == ["arc", "flat"] and r_fit.model[0].shape == r_fit.data[0].shape
+    png = plot_fit_residuals(str(tmp_path / "resid.png"), [r_fit])
+    assert (tmp_path / "resid.png").stat().st_size > 10_000 and png.endswith("resid.png")
 
 
 @pytest.mark.slow
@@ -312,3 +331,139 @@ def test_neighbour_mask_removes_the_next_bundles_light(psf_path):
         out[mask] = float(_chi2(patch, theta)) / np.count_nonzero(np.asarray(patch.sqw))
     assert out[False] > 5
     assert abs(out[True] - 1) < 0.01
+
+
+def _with_tailamp(psf, amp):
+    """``psf`` with TAILAMP = ``amp`` (a constant) for every fiber."""
+    r = psf.param_index("TAILAMP")
+    return eqx.tree_at(lambda p: p.params, psf, psf.params.at[r].set(0.0).at[r, :, 0].set(amp))
+
+
+def test_tail_and_continuum_options_checked(psf_path):
+    """fit_tails needs TAIL* parameters, fit_continuum an arc and a degree >= 0: ValueErrors before any set-up;
+    a patch's cont_deg is checked too."""
+    psf = jaxspec.read_psf(psf_path("psf-r0-00067784.fits"))
+    bare = without_idle_tails(psf)
+    with pytest.raises(ValueError, match="fit_tails"):
+        jaxspec.fit_bundle(bare, [], [object()], fibers=np.arange(3), fit_tails=True)
+    with pytest.raises(ValueError, match="fit_continuum.*arc"):
+        jaxspec.fit_bundle(psf, [], [object()], fibers=np.arange(3), fit_continuum=True)
+    with pytest.raises(ValueError, match="cont_deg"):
+        jaxspec.fit_psf_full(psf, [object()], [], lines=arc_lines("r"), nspec=3, fit_continuum=True, cont_deg=-1)
+    box = _box(psf, 2, (6380.0, 6400.0), 10.0)
+    arc = simulate_arc(psf, arc_lines("r"), specmin=0, nspec=2, xyrange=box, seed=1)
+    with pytest.raises(ValueError, match="cont_deg"):
+        calib_patch(psf, [arc], lines=arc_lines("r"), fibers=np.arange(2), xyrange=box, what=("xtrace",),
+                    cont_deg=-1)
+
+
+@pytest.mark.slow
+def test_tails_and_continuum_normal_equations_match_dense_autodiff(psf_path):
+    """TAILAMP among the shape terms (tails on: the forward-mode path, no closed form) and an arc
+    continuum (cont_amp): J^T J, J^T r equal dense jax.jacfwd to 1e-10 (measured 2.4e-15, 1.1e-15);
+    a step making TAILAMP negative at a modelled spot gives a non-finite chi2 (refused)."""
+    from jaxspec._fit.patch import _chi2
+
+    psf = _with_tailamp(jaxspec.read_psf(psf_path("psf-r0-00067784.fits")), 0.005)
+    nf, wr = 3, (6375.0, 6410.0)
+    lines = arc_lines("r")
+    box = _box(psf, nf, wr, 20.0)
+    arc = simulate_arc(psf, lines, specmin=0, nspec=nf, xyrange=box, seed=5, continuum=20.0)
+    flat = simulate_flat(psf, specmin=0, nspec=nf, xyrange=box, seed=6)
+    patch, _ = calib_patch(psf, [arc], [flat], lines=lines, fibers=np.arange(nf), waverange=wr,
+                           what=("xtrace", "ytrace", "shape"), trace_deg=1,
+                           shape_terms=("GHSIGX", "GHSIGY", "GH-1-1", "TAILAMP"), legdeg_fiber=1, legdeg_wave=1,
+                           cont_deg=1)
+    assert patch.psf.has_tails and patch.layout.shapes["cont_amp"] == (1, nf, 2)
+    rng = np.random.default_rng(0)
+    theta = jnp.asarray(rng.normal(0, 1e-3, patch.layout.size))
+    theta = theta.at[np.where(patch.layout.mask(("line_flux", "flat_amp", "cont_amp")))[0]].set(1000.0)
+    chi2, jtj, jtr = (np.asarray(a) for a in _normal_equations(patch, theta))
+
+    def resid(t):
+        return patch.residuals(patch.unflatten(t)).reshape(-1)
+
+    r = np.asarray(resid(theta))
+    J = -np.asarray(jax.jacfwd(resid)(theta))
+    np.testing.assert_allclose(chi2, r @ r, rtol=1e-12)
+    d = np.diag(J.T @ J)
+    assert d[patch.layout.slices["cont_amp"]].min() > 0 and d[patch.layout.slices["pc"]][-4:].min() > 0
+    scale = np.sqrt(np.outer(d, d)) + 1e-300
+    np.testing.assert_allclose(jtj / scale, (J.T @ J) / scale, atol=1e-10)
+    np.testing.assert_allclose(jtr, J.T @ r, rtol=1e-8, atol=1e-8 * np.abs(J.T @ r).max())
+    # TAILAMP's constant coefficient (row 3 of pc, fiber and wavelength term 0) down by 0.006: negative
+    i0 = patch.layout.slices["pc"].start + 3 * 2 * 2
+    assert np.isfinite(float(_chi2(patch, theta)))
+    assert not np.isfinite(float(_chi2(patch, theta.at[i0].add(-0.006))))
+
+
+@pytest.mark.slow
+def test_full_fit_recovers_the_tail_amplitude(psf_path):
+    """Truth psf-r0-00067784 with TAILAMP 0.005; start TAILAMP 0.002, GHSIGX 3% wide, x traces
+    0.05 px off: 3 fibers, 6370-6420 A, arc + flat, GHSIGX/GHSIGY/TAILAMP constant offsets.
+
+    Measured (CPU, 2 cores): with fit_tails TAILAMP 0.00496 +- 0.000036 (-1.1 sigma), chi2/dof
+    1.016, 22 s; without it chi2/dof 1.90 and GHSIGX biased (its offset -0.0122 for -0.0314, 48 sigma).
+    """
+    base = jaxspec.read_psf(psf_path("psf-r0-00067784.fits"))
+    truth = _with_tailamp(base, 0.005)
+    nf, wr = 3, (6370.0, 6420.0)
+    lines = arc_lines("r")
+    box = _box(truth, nf, wr, 30.0)
+    arc = simulate_arc(truth, lines, specmin=0, nspec=nf, xyrange=box, seed=1)
+    flat = simulate_flat(truth, specmin=0, nspec=nf, xyrange=box, seed=2)
+    fib = np.arange(nf)
+    start = jaxspec.apply_psf_params(_with_tailamp(base, 0.002), {"dx": jnp.full((nf, 1), 0.05),
+                                                                  "log_sigx": jnp.full(nf, 0.03)}, fib).with_traces()
+    kw = dict(lines=lines, fibers=fib, waverange=wr, trace_deg=1, shape_terms=("GHSIGX", "GHSIGY"), legdeg_fiber=0,
+              legdeg_wave=0, project_start=False, maxiter=15)
+    res = jaxspec.fit_bundle(start, [arc], [flat], fit_tails=True, **kw)
+    assert res.shape_terms == ("GHSIGX", "GHSIGY", "TAILAMP")
+    got = np.asarray(res.psf.param("TAILAMP", fib[:, None], np.linspace(*wr, 5)[None, :]))
+    sig = float(res.errors["pc"][2, 0, 0])
+    assert sig < 2e-4
+    assert np.abs(got - 0.005).max() < 3 * sig
+    assert abs(res.reduced_chi2 - 1) < 0.03
+    # the spots: GHSIGX back to the truth's
+    sx = np.asarray(res.psf.xsigma(fib[:, None], np.linspace(*wr, 5)[None, :]) /
+                    truth.xsigma(fib[:, None], np.linspace(*wr, 5)[None, :]))
+    assert np.abs(sx - 1).max() < 2e-3
+    off = jaxspec.fit_bundle(start, [arc], [flat], **kw)
+    assert off.reduced_chi2 > 1.5
+    assert abs(off.params["pc"][0, 0, 0] - res.params["pc"][0, 0, 0]) > 10 * off.errors["pc"][0, 0, 0]
+
+
+@pytest.mark.slow
+def test_full_fit_with_the_arc_continuum(psf_path):
+    """An arc with a continuum of 100 photons / A per fiber under its lines; start GHSIGX 3% wide, x
+    traces 0.05 px off (GHSIGY true): 3 fibers, 6370-6420 A, arc + flat.
+
+    Measured (CPU, 2 cores): without fit_continuum chi2/dof 2.32 and GHSIGY biased by +0.0209
+    (9.2 sigma); with it chi2/dof 1.017 (1.011 for the same fit of an arc without continuum),
+    GHSIGY -0.0013 (0.5 sigma), the CONT row within 4% of the truth's electrons per row; 15-19 s a fit.
+    """
+    truth = jaxspec.read_psf(psf_path("psf-r0-00067784.fits"))
+    nf, wr = 3, (6370.0, 6420.0)
+    lines = arc_lines("r")
+    box = _box(truth, nf, wr, 30.0)
+    arc = simulate_arc(truth, lines, specmin=0, nspec=nf, xyrange=box, seed=1, continuum=100.0)
+    flat = simulate_flat(truth, specmin=0, nspec=nf, xyrange=box, seed=2)
+    fib = np.arange(nf)
+    start = jaxspec.apply_psf_params(truth, {"dx": jnp.full((nf, 1), 0.05), "log_sigx": jnp.full(nf, 0.03)},
+                                     fib).with_traces()
+    kw = dict(lines=lines, fibers=fib, waverange=wr, trace_deg=1, shape_terms=("GHSIGX", "GHSIGY"), legdeg_fiber=0,
+              legdeg_wave=0, project_start=False, maxiter=15)
+    out = {fc: jaxspec.fit_bundle(start, [arc], [flat], fit_continuum=fc, cont_deg=1, **kw) for fc in (False, True)}
+    off, on = out[False], out[True]
+    assert off.reduced_chi2 > 1.5 and off.cont_coef is None
+    assert abs(off.params["pc"][1, 0, 0]) > 5 * off.errors["pc"][1, 0, 0]
+    assert abs(on.reduced_chi2 - 1) < 0.03
+    assert abs(on.params["pc"][1, 0, 0]) < 3 * on.errors["pc"][1, 0, 0]
+    w = np.linspace(wr[0] + 5, wr[1] - 5, 7)
+    dx = np.asarray(on.psf.x(fib[:, None], w[None, :]) - truth.x(fib[:, None], w[None, :]))
+    assert np.abs(dx).max() < 0.005
+    # CONT: electrons per CCD row, 100 * throughput * dlambda / dy along each trace
+    want = 100.0 * (arc.flux[:, :1] / 100.0) * np.array([truth.angstroms_per_pixel(int(f), w) for f in fib])
+    got = np.asarray(on.psf.param("CONT", fib[:, None], w[None, :]))
+    np.testing.assert_allclose(got, want, rtol=0.06)
+    np.testing.assert_array_equal(on.cont_coef, np.asarray(on.psf.params[on.psf.param_index("CONT"), :nf]))

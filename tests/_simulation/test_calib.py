@@ -106,3 +106,23 @@ def test_simulate_flat_follows_the_lamp(psf):
     assert abs(pull.std() - 1) < 0.03
     with pytest.raises(ValueError, match="fibers"):
         simulate_flat(psf, specmin=498, nspec=5, xyrange=box)
+
+
+def test_simulate_arc_continuum_follows_the_trace(psf):
+    """An arc with a continuum: its noiseless model is the lines' plus level * throughput * dw/dy
+    photons per CCD row along each fiber's trace (one fiber lit); without it, the same image as before."""
+    box = psf.xyrange((1, 2), (6000.0, 6200.0))
+    lines = arc_lines("r")
+    bare = simulate_arc(psf, lines, specmin=1, nspec=1, xyrange=box, seed=4)
+    arc = simulate_arc(psf, lines, specmin=1, nspec=1, xyrange=box, seed=4, continuum=lambda w: 50.0 + 0.01 * (w - 6000))
+    assert bare.wave is None and arc.flux.shape == (1, len(arc.wave))
+    np.testing.assert_array_equal(arc.line_photons, bare.line_photons)
+    thr = arc.flux[0, 0] / 50.0
+    assert 0.9 <= thr <= 1.1
+    cont = arc.model - bare.model
+    for y in (box[2] + 40, (box[2] + box[3]) // 2, box[3] - 40):
+        w = float(psf.wavelength(1, y))
+        expect = thr * (50.0 + 0.01 * (w - 6000)) * float(psf.angstroms_per_pixel(1, w))
+        np.testing.assert_allclose(cont[y - box[2]].sum(), expect, rtol=2e-3)
+    with pytest.raises(ValueError, match="dw"):
+        simulate_arc(psf, lines, specmin=1, nspec=1, xyrange=box, continuum=10.0, dw=0.0)

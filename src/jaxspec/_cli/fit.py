@@ -98,6 +98,15 @@ def _broken_fibers(args, specmin: int, nspec: int, psf_nspec: int):
             from None
 
 
+def _aligned(offsets) -> str:
+    """The summary's words on the alignment: the bundles aligned and the largest shifts."""
+    got = [o for o in offsets if o is not None]
+    if not got:
+        return ""
+    return (f", start aligned ({len(got)} bundle(s), largest |dx| {max(abs(o.dx) for o in got):.2f} px, "
+            f"|dy| {max(abs(o.dy) for o in got):.2f} px)")
+
+
 def _exit_status(bundles) -> int:
     """0 every bundle fitted (or broken), 1 some failed, 3 every one failed."""
     nfail = sum(b.status == 2 for b in bundles)
@@ -174,11 +183,13 @@ def cmd_fit_psf(args) -> int:
             raise _usage_error(f"--input-image {p}: FLAVOR {flavor!r} in its header; need ARC or FLAT "
                                "(or give it with --arc / --flat)")
         (args.arc if flavor == "ARC" else args.flat).append(p)
-    if args.fit_continuum:
-        raise _usage_error("--fit-continuum (specex's fit of the arc's continuum, CONT) is not implemented yet: "
-                           "leave it out (the arc continuum is not modelled; the input PSF's CONT row is copied)")
-    if args.model == "full" and args.plot is not None:
-        raise _usage_error("--plot is not available with --model full yet")
+    if args.model != "full" and (args.fit_continuum or args.fit_psf_tails):
+        opt = "--fit-continuum" if args.fit_continuum else "--fit-psf-tails"
+        raise _usage_error(f"{opt} is an option of the full model: add --model full")
+    if args.continuum_deg < 0:
+        raise _usage_error(f"--continuum-deg {args.continuum_deg}: need a degree >= 0")
+    if args.fit_continuum and not args.arc:
+        raise _usage_error("--fit-continuum models the arcs' continuum: give at least one arc (--arc / --input-image)")
     if _same_file(args.output, args.psf_init):
         raise _usage_error(f"-o {args.output} is the input PSF (--psf-init): write the fit to another file")
     if args.plot is not None and (_same_file(args.plot, args.output) or _same_file(args.plot, args.psf_init)):
@@ -203,6 +214,9 @@ def cmd_fit_psf(args) -> int:
         raise _usage_error(f"--what {args.what!r}: choose from {','.join(block_what)} (or use --model full)")
     if args.bundlesize < 1 or args.nblocks < 1 or args.maxiter < 1:
         raise _usage_error("--bundlesize, --nblocks and --maxiter must be positive")
+    if not (np.isfinite(args.max_shift) and args.max_shift >= 1.0):
+        raise _usage_error(f"--max-shift {args.max_shift:g}: give the alignment's search window in pixels, >= 1 "
+                           "(or --no-align to skip the alignment)")
     psf = _read_gh_psf(args.psf_init, "--psf-init")
     specmin, nspec = _fibers(args, psf)
     broken = _broken_fibers(args, specmin, nspec, psf.nspec)
@@ -237,7 +251,7 @@ def cmd_fit_psf(args) -> int:
         result = fit_psf_ccd(
             psf, arcs, flats, lines=lines, specmin=specmin, nspec=nspec, bundlesize=args.bundlesize,
             nblocks=args.nblocks, waverange=wr, progress=progress, bundle_progress=bundle_done, what=what,
-            maxiter=args.maxiter, broken_fibers=broken,
+            maxiter=args.maxiter, broken_fibers=broken, align=args.align, max_shift=args.max_shift,
         )
     except ValueError as err:  # found by the checks that run before any fitting
         raise _usage_error(str(err)) from None
@@ -255,6 +269,7 @@ def cmd_fit_psf(args) -> int:
     dx = [np.abs(f.params["dx"][:, 0][f.live if f.live is not None else slice(None)]).max()
           for f in fits if "dx" in f.params]
     print(f"jaxspec fit-psf: {len(fits)} patches ({nconv} converged), chi2/dof {chi2 / max(ndof, 1):.4f}"
+          + _aligned(result.offsets)
           + (f", largest x shift {max(dx):.3f} px" if dx else "")
           + (f", {len(broken)} broken fiber(s) not fitted" if len(broken) else "")
           + (f", {nfail} of {len(result.bundles)} bundles FAILED (input coefficients kept, flagged)" if nfail else "")
@@ -279,16 +294,30 @@ def _fit_full(args, psf, arcs, flats, lines, specmin, nspec, wr, t0, bundle_done
         result = fit_psf_full(psf, arcs, flats, lines=lines, specmin=specmin, nspec=nspec,
                               bundlesize=args.bundlesize, waverange=wr, legdeg_wave=args.legendre_deg_wave,
                               legdeg_fiber=args.legendre_deg_x, maxiter=args.maxiter, bundle_progress=bundle_done,
-                              broken_fibers=broken)
+                              broken_fibers=broken, align=args.align, max_shift=args.max_shift,
+                              fit_tails=args.fit_psf_tails, fit_continuum=args.fit_continuum,
+                              cont_deg=args.continuum_deg)
     except ValueError as err:  # found by the checks that run before any fitting
         raise _usage_error(str(err)) from None
     path = write_psf(args.output, result.psf, overwrite=args.overwrite, header=result.header())
+    if args.plot is not None:
+        from .._fit import bundle_residuals
+        from .._plots import plot_fit_residuals
+
+        # the middle block of the first fitted bundles: data, the fitted PSF's model, residuals
+        shown = [bundle_residuals(f, arcs, flats, lines=lines, psf=result.psf)
+                 for f in [f for f in result.fits if f is not None][:2]]
+        if shown:
+            plot_fit_residuals(args.plot, shown, overwrite=args.overwrite)
+            log.info("wrote %s", args.plot)
+        else:
+            log.warning("--plot %s: no bundle was fitted, nothing to draw", args.plot)
     nfail = sum(b.status == 2 for b in result.bundles)
     nconv = sum(b.status == 0 for b in result.bundles)
     print(f"jaxspec fit-psf --model full: {len(result.bundles)} bundles ({nconv} converged"
           + (f", {nfail} FAILED: input coefficients kept, flagged" if nfail else "")
           + (f", {len(broken)} broken fiber(s) not fitted" if len(broken) else "")
-          + f"), {time.perf_counter() - t0:.1f} s -> {os.path.abspath(path)}")
+          + f"){_aligned(result.offsets)}, {time.perf_counter() - t0:.1f} s -> {os.path.abspath(path)}")
     return _exit_status(result.bundles)
 
 
@@ -321,6 +350,8 @@ def add_parser(subparsers, common) -> argparse.ArgumentParser:
         description="Fit trace shifts, GHSIGX/GHSIGY scales and Gauss-Hermite terms of a PSF, with the "
                     "line fluxes and flat amplitudes, to calibration images by Levenberg-Marquardt on the "
                     "pixel chi2; bundle by bundle in wavelength blocks.  Writes a GAUSS-HERMITE PSF file.  "
+                    "Each bundle's start traces are first shifted onto the images (offsets measured by "
+                    "cross-correlation, up to --max-shift pixels; --no-align skips it).  "
                     "Every option and input is checked before fitting; a bundle that cannot be fitted keeps its "
                     "input coefficients and is flagged.  Exit status: 0 every bundle fitted, 1 some flagged as "
                     "failed, 2 a usage or input error, 3 every bundle failed.",
@@ -354,8 +385,22 @@ def add_parser(subparsers, common) -> argparse.ArgumentParser:
                    help="fibers without light, comma-separated (specex's option; the PSF's fiber numbers, as "
                         "--specmin): not fitted, their coefficients kept; the written PSF marks them (STATUS 3, "
                         "header NBROKEN, BROKEN)")
+    p.add_argument("--no-align", dest="align", action="store_false",
+                   help="do not align the start PSF first (by default each bundle's x and y trace offsets in the "
+                        "images are measured, x on the flats, y on the arcs' lines, and added to the start's "
+                        "traces before any check or fit; a bundle whose offset cannot be measured is flagged)")
+    p.add_argument("--max-shift", type=float, default=8.0, metavar="PIXELS",
+                   help="the alignment's search window: the largest trace offset looked for on each axis "
+                        "(default 8 px; below the fiber pitch, about 7.3 px, when fitting part of a bundle)")
     p.add_argument("--fit-continuum", action="store_true",
-                   help="specex's option to fit the arc's continuum: not implemented yet, refused")
+                   help="--model full: model each arc's continuum under its lines (specex's option): a Legendre "
+                        "series in wavelength per arc, fiber and block, spread along the trace; written to the "
+                        "PSF's CONT row [electrons per CCD row]")
+    p.add_argument("--continuum-deg", type=int, default=2,
+                   help="--fit-continuum: the continuum's Legendre degree in wavelength per block (default 2)")
+    p.add_argument("--fit-psf-tails", action="store_true",
+                   help="--model full: also fit TAILAMP, the PSF tail's amplitude, as the shape terms "
+                        "(specex's option; TAILCORE, TAILXSCA, TAILYSCA, TAILINDE kept)")
     p.add_argument("--maxiter", type=int, default=30, help="most iterations per patch (default 30)")
     p.add_argument("--plot", default=None, metavar="PNG", help="write a PNG of the residuals of the first patches")
     common(p)

@@ -6,7 +6,9 @@ and Gauss-Newton pieces), :mod:`.solver` (Levenberg-Marquardt, :func:`fit_psf`),
 :mod:`.result` (:class:`FitResult`), :mod:`.ccd` (the bundle x block grid,
 :func:`fit_psf_ccd`, and the checks that run before any fitting),
 :mod:`.uncertainty` (covariances into extracted flux), :mod:`.bundle` (the full
-model of one bundle over all its rows, :func:`fit_bundle`).  ``_fit`` imports
+model of one bundle over all its rows, :func:`fit_bundle`), :mod:`.align` (the start's
+trace offsets measured from the images before any check or fit,
+:func:`measure_trace_offsets`).  ``_fit`` imports
 ``psf``, ``solve``, ``_simulation`` and ``_extraction``, never files or the CLI.
 
 The forward model of a calibration image is the PSF's spots, scattered into the
@@ -48,7 +50,8 @@ the per-block corrections into Legendre coefficients of the file's degrees.
 
 **The minimiser** is Levenberg-Marquardt on the pixel residuals
 ``(data - model) sqrt(ivar)``.  It is hand-written rather than taken from
-optimistix because the Jacobian has a structure a generic solver cannot see:
+optimistix because the Jacobian has a structure a generic solver cannot see (measured against
+optimistix's Levenberg-Marquardt: docs/fitting.md, "The optimiser"):
 
 * the model is linear in the line fluxes and flat amplitudes: their Jacobian
   columns are the unit-flux spot images themselves (no differentiation);
@@ -69,7 +72,8 @@ minimum (the Gauss-Newton Hessian); its PSF block is the PSF uncertainty
 marginalised over the line fluxes and flat amplitudes.
 """
 
-from .bundle import BundleFit, fit_bundle, fit_psf_full
+from .align import TraceOffset, apply_trace_offsets, measure_bundle_offset, measure_trace_offsets
+from .bundle import BundleFit, bundle_residuals, fit_bundle, fit_psf_full
 from .ccd import STATUS_BROKEN, STATUS_FAILED, STATUS_NOT_CONVERGED, STATUS_OK, BundleStatus, CCDFit, fit_psf_ccd
 from .params import ALL_WHAT, DEFAULT_GH_TERMS, apply_psf_params
 from .patch import BundleInputError, CalibPatch, calib_patch, check_broken_fibers, check_fiber_light, check_patch
@@ -82,6 +86,7 @@ __all__ = [
     "BundleFit",
     "BundleInputError",
     "BundleStatus",
+    "bundle_residuals",
     "CCDFit",
     "CalibPatch",
     "DEFAULT_GH_TERMS",
@@ -90,7 +95,9 @@ __all__ = [
     "STATUS_FAILED",
     "STATUS_NOT_CONVERGED",
     "STATUS_OK",
+    "TraceOffset",
     "apply_psf_params",
+    "apply_trace_offsets",
     "calib_patch",
     "check_broken_fibers",
     "check_fiber_light",
@@ -100,5 +107,7 @@ __all__ = [
     "fit_psf_ccd",
     "fit_psf_full",
     "flux_jacobian",
+    "measure_bundle_offset",
+    "measure_trace_offsets",
     "propagate_psf_uncertainty",
 ]

@@ -39,6 +39,15 @@ calls are then skipped.  The PSF covariance is the inverse of the summed reduced
 system (marginalised over fluxes).  The spots
 stay normalised (the model divides by the stamp sum, GH-0-0 is fixed); a step
 that makes a width non-positive gives a non-finite chi2 and is refused.
+
+Options (off by default; off, the fitted terms and the compiled program are those above):
+``fit_tails`` adds TAILAMP, the amplitude of the power-law tail, to the shape terms (the same
+bundle series; as specex's ``--fit-psf-tails``, TAILCORE, TAILXSCA, TAILYSCA and TAILINDE stay
+the file's); a step that makes TAILAMP negative at a modelled spot is refused.
+``fit_continuum`` models each arc's continuum (specex's ``--fit-continuum``): per arc, fiber and
+block a Legendre series of degree ``cont_deg`` in wavelength [photons / A], spread along the
+trace by the PSF's spots, linear parameters like the flat amplitudes; the fit is written to the
+PSF's CONT row in specex's units (electrons per CCD row, :func:`_continuum_rows`).
 """
 
 from __future__ import annotations
@@ -56,15 +65,18 @@ import numpy as np
 
 from .._simulation.calib import LineList
 from ..psf._gausshermite import GaussHermitePSF
+from .align import TraceOffset, align_bundles, apply_trace_offsets, measure_bundle_offset
 from .ccd import (STATUS_FAILED, STATUS_NOT_CONVERGED, STATUS_OK, BundleStatus, CCDFit, bundle_id, precheck_bundles,
                   set_status_row)
 from .params import FiberIndices, apply_psf_params, bundle_series_start, shape_terms_of
-from .patch import (BrokenFibers, BundleInputError, CalibPatch, _host_patch, check_broken_fibers, check_fiber_light,
-                    check_patch, pad_host_patch, stack_host_patches, without_idle_tails)
+from .patch import (BrokenFibers, BundleInputError, CalibPatch, _host_patch, _host_y, check_broken_fibers,
+                    check_fiber_light, check_patch, pad_host_patch, stack_host_patches, without_idle_tails)
+from .result import FitResult
+from .solver import fit_psf
 
 log = logging.getLogger("jaxspec.fit")
 
-__all__ = ["BundleFit", "fit_bundle", "fit_psf_full"]
+__all__ = ["BundleFit", "bundle_residuals", "fit_bundle", "fit_psf_full"]
 
 
 @dataclasses.dataclass
@@ -86,6 +98,11 @@ class BundleFit:
         compile_seconds: its compilation (first call of each compiled function less a later call).
         live: ``(nf,)`` bool, False for a broken fiber (not fitted; its ``dx``, ``dy`` are 0
             with an infinite error and ``psf`` keeps its input coefficients).
+        cont_coef: ``(nf, ncoef)`` the CONT coefficients written (``fit_continuum``: the arcs'
+            mean continuum [electrons per CCD row], a Legendre series over the PSF's wavelength
+            domain; broken fibers the input's), else None.
+        offset: the trace offset measured and added to the start before the checks and the fit
+            (``align``, :func:`jaxspec._fit.align.measure_bundle_offset`; ``psf_init`` has it), else None.
     """
 
     psf: GaussHermitePSF
@@ -105,6 +122,8 @@ class BundleFit:
     seconds: float = 0.0
     compile_seconds: float = 0.0
     live: np.ndarray | None = None
+    cont_coef: np.ndarray | None = None
+    offset: TraceOffset | None = None
 
     @property
     def psf_cov(self) -> np.ndarray:
@@ -221,10 +240,19 @@ def bundle_blocks(psf: GaussHermitePSF, fibers, waverange, rows_per_block: int) 
     return [(x0, x1, y0 + b * rows_per_block, y0 + (b + 1) * rows_per_block) for b in range(nb)]
 
 
-def _resolve(psf_init, *, waverange, rows_per_block, trace_deg, shape_terms, legdeg_fiber, legdeg_wave) -> dict:
+def _resolve(psf_init, *, waverange, rows_per_block, trace_deg, shape_terms, legdeg_fiber, legdeg_wave,
+             fit_tails=False, fit_continuum=False, cont_deg=2, narc=0) -> dict:
     """The options all bundles share, checked once before any bundle is set up."""
     if not isinstance(psf_init, GaussHermitePSF):
         raise TypeError(f"PSF fitting needs a GaussHermitePSF, got {type(psf_init).__name__}")
+    if fit_tails and not psf_init.has_tails:
+        raise ValueError("fit_tails (--fit-psf-tails): the starting PSF has no TAIL* parameters "
+                         "(TAILAMP, TAILCORE, TAILXSCA, TAILYSCA, TAILINDE) to fit")
+    if fit_continuum:
+        if not narc:
+            raise ValueError("fit_continuum (--fit-continuum) models the arcs' continuum: give at least one arc")
+        if isinstance(cont_deg, bool) or not isinstance(cont_deg, (int, np.integer)) or cont_deg < 0:
+            raise ValueError(f"cont_deg (--continuum-deg) must be an integer >= 0, got {cont_deg!r}")
     if rows_per_block < 16 or rows_per_block % 16:
         raise ValueError(f"rows_per_block must be a positive multiple of 16, got {rows_per_block}")
     if waverange is None:
@@ -235,6 +263,8 @@ def _resolve(psf_init, *, waverange, rows_per_block, trace_deg, shape_terms, leg
     if trace_deg is None:
         trace_deg = min(psf_init.xcoef.shape[1], psf_init.ycoef.shape[1]) - 1
     sterms = shape_terms_of(psf_init) if shape_terms is None else tuple(shape_terms)
+    if fit_tails and "TAILAMP" not in sterms:
+        sterms = sterms + ("TAILAMP",)
     for n in sterms:
         psf_init.param_index(n)
     sig = tuple(n for n in sterms if n in ("GHSIGX", "GHSIGY"))
@@ -245,7 +275,8 @@ def _resolve(psf_init, *, waverange, rows_per_block, trace_deg, shape_terms, leg
         raise ValueError(f"legdeg_wave must be in 0..{ncoef - 1} (the file's coefficients), got {legdeg_wave}")
     if legdeg_fiber < 0:
         raise ValueError(f"legdeg_fiber must be >= 0, got {legdeg_fiber}")
-    return dict(waverange=tuple(float(w) for w in waverange), trace_deg=int(trace_deg), sterms=sterms)
+    return dict(waverange=tuple(float(w) for w in waverange), trace_deg=int(trace_deg), sterms=sterms,
+                cont_deg=int(cont_deg) if fit_continuum else None)
 
 
 def _check_bundle(psf_init, arcs, flats, fib, broken, *, lines, waverange, rows_per_block, trace_deg, flat_deg,
@@ -272,7 +303,7 @@ def _check_bundle(psf_init, arcs, flats, fib, broken, *, lines, waverange, rows_
 
 
 def _setup_blocks(psf_init, arcs, flats, bundles, broken, *, lines, waverange, rows_per_block, trace_deg, sterms,
-                  legdeg_fiber, legdeg_wave, flat_deg, patches_per_call):
+                  legdeg_fiber, legdeg_wave, flat_deg, patches_per_call, cont_deg=None):
     """Every block of every bundle (equal sizes), set up on the host and padded to one shape.
 
     Returns ``(chunks, owner, nper, boxes, npix)``: the stacked :class:`CalibPatch` of each
@@ -285,7 +316,7 @@ def _setup_blocks(psf_init, arcs, flats, bundles, broken, *, lines, waverange, r
               legdeg_fiber=legdeg_fiber, legdeg_wave=legdeg_wave, flat_deg=flat_deg, allow_no_lines=True,
               bucket=16, mask_neighbours=True, specmin=0, nspec=None, waverange=None, gh_terms=(),
               per_fiber_gh=False, flat_lamp=None, flat_dw=0.5, band_margin=3, pad_to=None,
-              data_checks=False)  # checked before (_check_bundle)
+              data_checks=False, cont_deg=cont_deg)  # checked before (_check_bundle)
     boxes = [bundle_blocks(psf_init, fib, waverange, rows_per_block) for fib in bundles]
     host = [[_host_patch(psf_init, arcs, flats, fibers=fib, xyrange=b, broken_fibers=bb, **kw) for b in bx]
             for fib, bx, bb in zip(bundles, boxes, broken)]
@@ -317,7 +348,7 @@ def _no_weight(h: dict) -> dict:
 
 def _fit_bundles(psf_init, arcs, flats, bundles, broken, ids, *, lines, waverange, rows_per_block, trace_deg, sterms,
                  legdeg_fiber, legdeg_wave, flat_deg, maxiter, step_tol, chi2_rtol, chi2_atol, lam0,
-                 patches_per_call, callback, bundle_progress, nbundles):
+                 patches_per_call, callback, bundle_progress, nbundles, cont_deg=None):
     """Fit the full model of every bundle in ``bundles`` (equal sizes; checked by
     :func:`_check_bundle`; ``broken[i]`` its broken fibers, ``ids[i]`` its number) together;
     returns ``(fits, statuses)`` (a failed bundle's fit is None)."""
@@ -329,7 +360,7 @@ def _fit_bundles(psf_init, arcs, flats, bundles, broken, ids, *, lines, waverang
     chunks, owner, nper, boxes, npix_p = _setup_blocks(
         psf_init, arcs, flats, bundles, broken, lines=lines, waverange=waverange, rows_per_block=rows_per_block,
         trace_deg=trace_deg, sterms=sterms, legdeg_fiber=legdeg_fiber, legdeg_wave=legdeg_wave, flat_deg=flat_deg,
-        patches_per_call=C)
+        patches_per_call=C, cont_deg=cont_deg)
     nchunk = len(chunks)
     lay = chunks[0].layout
     psf_keys = [k for k in ("dx", "dy", "pc") if k in lay.slices]
@@ -474,6 +505,7 @@ def _fit_bundles(psf_init, arcs, flats, bundles, broken, ids, *, lines, waverang
     S = np.asarray(S)
     fits, statuses = [], []
     act = np.concatenate([np.asarray(a).sum(axis=1) for a in ACT])
+    tl_opt = [tl[c] + XB[c] for c in range(nchunk)]  # the linear parameters at their optimum for the result
     for b, fib in enumerate(bundles):
         params = {k: tg[b, lay.slices[k]].reshape(lay.shapes[k]) for k in psf_keys}
         finite = np.isfinite(chi2[b]) and all(np.all(np.isfinite(v)) for v in params.values())
@@ -494,11 +526,15 @@ def _fit_bundles(psf_init, arcs, flats, bundles, broken, ids, *, lines, waverang
         errors = {k: err[lay.slices[k]].reshape(lay.shapes[k]) for k in psf_keys}
         psf = apply_psf_params(psf_init, {k: jnp.asarray(v) for k, v in params.items()}, fib,
                                shape_terms=sterms, live=live).with_traces()
+        cont = None
+        if "cont_amp" in lay.slices:
+            psf, cont = _continuum_rows(psf, fib, live, b, boxes[b], chunks, tl_opt, owner,
+                                         lay.slices["cont_amp"], npsf)
         npar = int(on.sum()) + int(act[owner == b].sum())
         fr = BundleFit(psf=psf, params=params, errors=errors, cov=cov, chi2=float(chi2[b]), ndata=int(npix[b]),
                        npar=npar, niter=int(niter[b]), converged=bool(converged[b]), chi2_history=hist[b],
                        fibers=np.asarray(fib), boxes=boxes[b], shape_terms=sterms, psf_init=psf_init, seconds=seconds,
-                       compile_seconds=compile_s, live=live)
+                       compile_seconds=compile_s, live=live, cont_coef=cont)
         fits.append(fr)
         st = BundleStatus(ids[b], np.asarray(fib), STATUS_OK if fr.converged else STATUS_NOT_CONVERGED, fr.chi2,
                           fr.ndata, fr.npar, broken=np.asarray(broken[b]))
@@ -506,6 +542,65 @@ def _fit_bundles(psf_init, arcs, flats, bundles, broken, ids, *, lines, waverang
         if bundle_progress is not None:
             bundle_progress(st, nbundles)
     return fits, statuses
+
+
+def _continuum_rows(psf, fib, live, b, boxes, chunks, tl, owner, sl, npsf):
+    """``psf`` with bundle ``b``'s fitted arc continuum in its CONT row (if it has one), and the coefficients.
+
+    specex's convention (``specex_psf_fitter.cc``, ``specex_psf_io_gauss_hermite_psf_fits_3.cc``):
+    CONT is the continuum in electrons per CCD row (spread across the columns by a profile of unit
+    sum), a Legendre series in wavelength over the PSF's domain (its LEGDEGW, 2 in DESI's files).
+    Here each block's series [photons / A] is sampled on its flat grid at the rows the block fits,
+    the arcs averaged, times |dlambda / dy| of the fitted trace, and least-squares fitted per live
+    fiber by a series of degree min(LEGDEGW, ncoef - 1).  Outside the fitted wavelengths the series
+    is an extrapolation.
+
+    Returns:
+        ``(psf, coef)``: ``coef`` ``(nf, ncoef)`` (broken fibers the input's); ``psf`` unchanged
+        when it has no CONT row.
+    """
+    if "CONT" not in psf.param_names:
+        return psf, None
+    r = psf.param_index("CONT")
+    ncoef = psf.params.shape[2]
+    deg = 2 if psf.legdeg is None else int(psf.legdeg[r][1])
+    deg = max(0, min(deg, ncoef - 1))
+    C = int(np.asarray(tl[0]).shape[0])
+    waves, vals = [[] for _ in fib], [[] for _ in fib]
+    k = 0
+    for j in np.flatnonzero(owner == b):
+        if k >= len(boxes):  # a zero-weight block filling the bundle
+            break
+        box = boxes[k]
+        k += 1
+        c, i = divmod(int(j), C)
+        cb = np.asarray(chunks[c].cbasis[i])
+        fw = np.asarray(chunks[c].fwave[i])
+        ok = np.any(cb != 0, axis=1)
+        if not np.any(ok):
+            continue
+        dw = float(cb[ok, 0][0])  # column 0 is dw * P_0
+        amp = np.asarray(tl[c][i])[sl.start - npsf:sl.stop - npsf].reshape(-1, len(fib), cb.shape[1])
+        per_a = np.einsum("afk,sk->fs", amp, cb[ok]) / (dw * amp.shape[0])  # (nf, ns) photons / A, mean of arcs
+        w = fw[ok]
+        y = _host_y(psf, fib, w)
+        dydw = _host_y(psf, fib, w + 0.5) - _host_y(psf, fib, w - 0.5)
+        inside = (y >= box[2]) & (y < box[3])
+        for f in range(len(fib)):
+            waves[f].append(w[inside[f]])
+            vals[f].append(per_a[f, inside[f]] / np.abs(dydw[f, inside[f]]))
+    pars = np.array(psf.params)
+    lo, hi = psf.pdomain
+    for f, fiber in enumerate(fib):
+        w = np.concatenate(waves[f]) if waves[f] else np.zeros(0)
+        if not live[f] or len(w) <= deg:
+            continue
+        t = (w - lo) * (2.0 / (hi - lo)) - 1.0
+        coef, *_ = np.linalg.lstsq(np.polynomial.legendre.legvander(t, deg), np.concatenate(vals[f]), rcond=None)
+        pars[r, fiber] = 0.0
+        pars[r, fiber, :deg + 1] = coef
+    out = eqx.tree_at(lambda p: p.params, psf, jnp.asarray(pars, dtype=psf.params.dtype))
+    return out, pars[r, np.asarray(fib)].copy()
 
 
 def fit_bundle(
@@ -531,6 +626,11 @@ def fit_bundle(
     callback: Callable | None = None,
     broken_fibers: BrokenFibers = None,
     project_start: bool = True,
+    align: bool = True,
+    max_shift: float = 8.0,
+    fit_tails: bool = False,
+    fit_continuum: bool = False,
+    cont_deg: int = 2,
 ) -> BundleFit:
     """Fit the full PSF model of one bundle to arcs and flats (see the module docstring).
 
@@ -567,9 +667,20 @@ def fit_bundle(
             bundle's series (:func:`jaxspec._fit.params.bundle_series_start`), so that the result
             is one series of degrees (``legdeg_fiber``, ``legdeg_wave``) per bundle, as specex's;
             False adds the series to ``psf_init``'s coefficients as they are.
+        align: first measure the offset of the bundle's traces in the images
+            (:func:`jaxspec._fit.align.measure_bundle_offset`) and add it to the start's traces
+            (every fiber of the bundle, broken ones too), before the checks and the fit: a start
+            a few pixels off (another night's) then still meets its lines.
+        max_shift: the alignment's search window [pixels] on each axis.
+        fit_tails: also fit TAILAMP, the power-law tail's amplitude, as a shape term (specex's
+            ``--fit-psf-tails``; the other TAIL* fixed; kept >= 0 at the modelled spots).
+        fit_continuum: model each arc's continuum (specex's ``--fit-continuum``), linear parameters
+            solved with the fluxes; the result's CONT row holds it (:attr:`BundleFit.cont_coef`).
+        cont_deg: the continuum's Legendre degree in wavelength within a block (``fit_continuum``).
 
     Returns:
-        A :class:`BundleFit`.
+        A :class:`BundleFit` (``offset``: the alignment's measured shift, ``psf_init``: the start
+        with it).
 
     Raises:
         ValueError: bad input (:class:`jaxspec._fit.patch.BundleInputError` for the bundle's
@@ -578,8 +689,15 @@ def fit_bundle(
     """
     fibers = np.asarray(fibers, dtype=int)
     r = _resolve(psf_init, waverange=waverange, rows_per_block=rows_per_block, trace_deg=trace_deg,
-                 shape_terms=shape_terms, legdeg_fiber=legdeg_fiber, legdeg_wave=legdeg_wave)
+                 shape_terms=shape_terms, legdeg_fiber=legdeg_fiber, legdeg_wave=legdeg_wave, fit_tails=fit_tails,
+                 fit_continuum=fit_continuum, cont_deg=cont_deg, narc=len(arcs))
     broken = check_broken_fibers(broken_fibers, int(fibers[0]), len(fibers)) if fibers.size else np.zeros(0, int)
+    offset = None
+    if align and fibers.size:
+        offset = measure_bundle_offset(psf_init, arcs, flats, lines=lines, fibers=fibers, waverange=r["waverange"],
+                                       max_shift=max_shift, broken_fibers=broken)
+        log.info("fit-psf: start PSF aligned, %s", offset.describe())
+        psf_init = apply_trace_offsets(psf_init, [offset])
     _check_bundle(psf_init, arcs, flats, fibers, broken, lines=lines, waverange=r["waverange"],
                   rows_per_block=rows_per_block, trace_deg=r["trace_deg"], flat_deg=flat_deg, legdeg_fiber=legdeg_fiber)
     start = bundle_series_start(psf_init, [fibers], r["sterms"], legdeg_fiber, legdeg_wave,
@@ -589,9 +707,10 @@ def fit_bundle(
                             legdeg_fiber=legdeg_fiber, legdeg_wave=legdeg_wave, flat_deg=flat_deg, maxiter=maxiter,
                             step_tol=step_tol, chi2_rtol=chi2_rtol, chi2_atol=chi2_atol, lam0=lam0,
                             patches_per_call=patches_per_call,
-                            callback=callback, bundle_progress=None, nbundles=1)
+                            callback=callback, bundle_progress=None, nbundles=1, cont_deg=r["cont_deg"])
     if fits[0] is None:
         raise ValueError(f"the fit of fibers {fibers[0]}-{fibers[-1]} failed: {st[0].message}")
+    fits[0].offset = offset
     return fits[0]
 
 
@@ -621,6 +740,11 @@ def fit_psf_full(
     bundle_progress: Callable | None = None,
     broken_fibers: BrokenFibers = None,
     project_start: bool = True,
+    align: bool = True,
+    max_shift: float = 8.0,
+    fit_tails: bool = False,
+    fit_continuum: bool = False,
+    cont_deg: int = 2,
 ) -> CCDFit:
     """The full model of every bundle of fibers ``specmin .. specmin + nspec - 1``, fitted together.
 
@@ -631,11 +755,16 @@ def fit_psf_full(
     ``legdeg_fiber + 1``) is flagged (status 2) and not fitted, the others go on
     (``ValueError`` when that leaves none).  A bundle whose fit fails keeps its input
     coefficients and is flagged (status 2); one all of whose fibers are broken, status 3.
+    With ``align`` (default) every bundle's trace offset is measured first
+    (:func:`jaxspec._fit.align.measure_bundle_offset`) and added to the start's traces before
+    the checks and the fit; a bundle whose offset cannot be measured (no light, the peak at the
+    edge of ``max_shift`` or ambiguous) is flagged (status 2) like one failing the checks.
 
     Returns:
         A :class:`CCDFit`: the PSF with every fitted bundle's coefficients, the
         :class:`BundleFit` of every bundle (None where it was not fitted or failed), the
-        statuses, the broken fibers (``STATUS`` row 3, header ``NBROKEN``/``BROKEN``).
+        statuses, the broken fibers (``STATUS`` row 3, header ``NBROKEN``/``BROKEN``), the
+        measured offsets (``offsets``; header ``BnnALDX``/``BnnALDY``).
     """
     nspec = psf_init.nspec - specmin if nspec is None else int(nspec)
     psf_init.check_fibers(specmin, nspec)
@@ -643,15 +772,27 @@ def fit_psf_full(
         raise ValueError(f"bundlesize must be >= 1, got {bundlesize}")
     broken = check_broken_fibers(broken_fibers, specmin, nspec)
     r = _resolve(psf_init, waverange=waverange, rows_per_block=rows_per_block, trace_deg=trace_deg,
-                 shape_terms=shape_terms, legdeg_fiber=legdeg_fiber, legdeg_wave=legdeg_wave)
+                 shape_terms=shape_terms, legdeg_fiber=legdeg_fiber, legdeg_wave=legdeg_wave, fit_tails=fit_tails,
+                 fit_continuum=fit_continuum, cont_deg=cont_deg, narc=len(arcs))
     bundles = [np.arange(s, min(s + bundlesize, specmin + nspec)) for s in range(specmin, specmin + nspec, bundlesize)]
     t_check = time.perf_counter()
-    pre = precheck_bundles(
-        bundles, broken,
-        lambda fib, bb: _check_bundle(psf_init, arcs, flats, fib, bb, lines=lines, waverange=r["waverange"],
-                                      rows_per_block=rows_per_block, trace_deg=r["trace_deg"], flat_deg=flat_deg,
-                                      legdeg_fiber=legdeg_fiber),
-        specmin, bundlesize)
+    aligned, offsets, align_errors = psf_init, [None] * len(bundles), {}
+    if align:  # before any check: a bundle that cannot be aligned is flagged with the checks' failures
+        aligned, offsets, align_errors = align_bundles(psf_init, arcs, flats, bundles, broken, lines=lines,
+                                                       waverange=r["waverange"], max_shift=max_shift)
+        log.info("fit-psf: %d of %d bundles aligned in %.1f s", sum(o is not None for o in offsets), len(bundles),
+                 time.perf_counter() - t_check)
+    index = {int(b[0]): i for i, b in enumerate(bundles)}
+
+    def check(fib, bb):
+        err = align_errors.get(index[int(fib[0])])
+        if err is not None:
+            raise err
+        _check_bundle(aligned, arcs, flats, fib, bb, lines=lines, waverange=r["waverange"],
+                      rows_per_block=rows_per_block, trace_deg=r["trace_deg"], flat_deg=flat_deg,
+                      legdeg_fiber=legdeg_fiber)
+
+    pre = precheck_bundles(bundles, broken, check, specmin, bundlesize)
     log.info("fit-psf: %d bundles checked in %.1f s", len(bundles), time.perf_counter() - t_check)
     fits, statuses = [None] * len(bundles), [None] * len(bundles)
     for i, st in pre.items():
@@ -662,8 +803,8 @@ def fit_psf_full(
     for i, b in enumerate(bundles):
         if i not in pre:
             groups.setdefault(len(b), []).append(i)
-    start = bundle_series_start(psf_init, [bundles[i] for i in range(len(bundles)) if i not in pre], r["sterms"],
-                                legdeg_fiber, legdeg_wave, broken) if project_start else psf_init
+    start = bundle_series_start(aligned, [bundles[i] for i in range(len(bundles)) if i not in pre], r["sterms"],
+                                legdeg_fiber, legdeg_wave, broken) if project_start else aligned
     for _, idx in groups.items():
         f, st = _fit_bundles(start, arcs, flats, [bundles[i] for i in idx],
                              [bundles[i][np.isin(bundles[i], broken)] for i in idx],
@@ -672,21 +813,45 @@ def fit_psf_full(
                              sterms=r["sterms"], legdeg_fiber=legdeg_fiber, legdeg_wave=legdeg_wave, flat_deg=flat_deg,
                              maxiter=maxiter, step_tol=step_tol, chi2_rtol=chi2_rtol, chi2_atol=chi2_atol, lam0=lam0,
                              patches_per_call=patches_per_call, callback=callback, bundle_progress=bundle_progress,
-                             nbundles=len(bundles))
+                             nbundles=len(bundles), cont_deg=r["cont_deg"])
         for j, i in enumerate(idx):
             fits[i] = f[j]
             statuses[i] = st[j]
-    xcoef = np.array(psf_init.xcoef)
+            if f[j] is not None:
+                f[j].offset = offsets[i]
+    xcoef = np.array(psf_init.xcoef)  # bundles not fitted keep the input's (not aligned) coefficients
     ycoef = np.array(psf_init.ycoef)
     pars = np.array(psf_init.params)
     for fr in fits:
         if fr is None:
             continue
         fib = fr.fibers
-        xcoef[fib] = np.asarray(fr.psf.xcoef)[fib]  # broken fibers: the input's (apply_psf_params(live=))
+        xcoef[fib] = np.asarray(fr.psf.xcoef)[fib]  # broken fibers: the aligned input's (apply_psf_params(live=))
         ycoef[fib] = np.asarray(fr.psf.ycoef)[fib]
         pars[:, fib] = np.asarray(fr.psf.params)[:, fib]
     set_status_row(psf_init, pars, statuses, broken)
     psf = eqx.tree_at(lambda p: p.params, psf_init, jnp.asarray(pars)).with_traces(jnp.asarray(xcoef),
                                                                                 jnp.asarray(ycoef))
-    return CCDFit(psf, fits, statuses, broken)
+    return CCDFit(psf, fits, statuses, broken, offsets)
+
+
+def bundle_residuals(fit: BundleFit, arcs: Sequence = (), flats: Sequence = (), *, lines: LineList | None = None,
+                     block: int | None = None, psf: GaussHermitePSF | None = None,
+                     broken_fibers: BrokenFibers = None) -> FitResult:
+    """Data, model and residuals of one block of a full-model bundle fit, for plots and checks.
+
+    The model is that of the fitted PSF (``psf``, default ``fit.psf``; pass the CCD fit's merged
+    PSF for a bundle of :func:`fit_psf_full`) over the block's pixel box ``fit.boxes[block]``
+    (default the middle block), with the line fluxes and flat amplitudes solved for it (linear,
+    exact) and no PSF parameter changed: :func:`jaxspec._fit.solver.fit_psf` with
+    ``maxiter=0``.  Its ``data``, ``ivar``, ``model`` ``[(ny, nx)]`` per image [photons / pixel]
+    and ``reduced_chi2`` are what :func:`jaxspec._plots.plot_fit_residuals` draws.
+    """
+    boxes = list(fit.boxes)
+    b = len(boxes) // 2 if block is None else int(block)
+    if not 0 <= b < len(boxes):
+        raise ValueError(f"block {block}: the bundle has blocks 0..{len(boxes) - 1}")
+    broken = fit.fibers[~np.asarray(fit.live)] if broken_fibers is None and fit.live is not None else broken_fibers
+    return fit_psf(fit.psf if psf is None else psf, arcs, flats, lines=lines if len(arcs) else None,
+                   fibers=fit.fibers, xyrange=tuple(int(v) for v in boxes[b]), what=("xtrace",), maxiter=0,
+                   broken_fibers=None if broken is None or not len(broken) else broken, callback=lambda *a: None)

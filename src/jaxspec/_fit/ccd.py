@@ -26,6 +26,7 @@ import numpy as np
 
 from .._simulation.calib import LineList
 from ..psf._gausshermite import GaussHermitePSF
+from .align import TraceOffset, align_bundles
 from .patch import BrokenFibers, BundleInputError, check_broken_fibers, check_fiber_light, check_patch
 from .result import FitResult
 from .solver import fit_psf
@@ -72,27 +73,37 @@ class CCDFit:
         fits: the :class:`FitResult` of every fitted patch (bundle-major).
         bundles: one :class:`BundleStatus` per bundle.
         broken: the broken fibers (sorted).
+        offsets: per bundle, the :class:`jaxspec._fit.align.TraceOffset` measured and added to the
+            start's traces before the checks and the fit (``align``), or None (not measured: ``align``
+            off, every fiber broken, or the offset could not be measured and the bundle is flagged).
+            A bundle flagged after it (status 2) keeps its input coefficients, unshifted.
     """
 
     psf: GaussHermitePSF
     fits: list
     bundles: list
     broken: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=int))
+    offsets: list[TraceOffset | None] = dataclasses.field(default_factory=list)
 
     def __iter__(self):
         return iter((self.psf, self.fits))
 
     def header(self) -> dict:
         """Keys for the PSF HDU: specex's per-bundle ``BnnRCHI2``, ``BnnNDATA``, ``BnnNPAR``, with
-        ``BnnSTAT`` (the status code), ``NBROKEN`` (how many fibers were broken) and, when any,
-        ``BROKEN`` (their numbers, comma-separated, as ``--broken-fibers`` takes them)."""
+        ``BnnSTAT`` (the status code), ``BnnALDX``, ``BnnALDY`` (the alignment's shifts of the start's
+        traces [pixels], for the bundles aligned and fitted), ``NBROKEN`` (how many fibers were broken) and, when
+        any, ``BROKEN`` (their numbers, comma-separated, as ``--broken-fibers`` takes them)."""
         out = {}
-        for b in self.bundles:
+        for i, b in enumerate(self.bundles):
             k = f"B{b.bundle:02d}"
             out[f"{k}RCHI2"] = b.reduced_chi2 if np.isfinite(b.reduced_chi2) else -1.0
             out[f"{k}NDATA"] = int(b.ndata)
             out[f"{k}NPAR"] = int(b.npar)
             out[f"{k}STAT"] = int(b.status)
+            off = self.offsets[i] if i < len(self.offsets) else None
+            if off is not None and b.status in (STATUS_OK, STATUS_NOT_CONVERGED):  # the others keep the input
+                out[f"{k}ALDX"] = float(off.dx)
+                out[f"{k}ALDY"] = float(off.dy)
         out["NBROKEN"] = int(len(self.broken))
         if len(self.broken):
             out["BROKEN"] = ",".join(str(int(f)) for f in self.broken)
@@ -210,6 +221,8 @@ def fit_psf_ccd(
     progress: Callable[[int, int, FitResult], None] | None = None,
     bundle_progress: Callable[[BundleStatus, int], None] | None = None,
     broken_fibers: BrokenFibers = None,
+    align: bool = True,
+    max_shift: float = 8.0,
     **fit_kwargs,
 ) -> CCDFit:
     """Fit a whole CCD (or fibers ``specmin .. specmin+nspec-1`` of it) patch by patch.
@@ -235,16 +248,24 @@ def fit_psf_ccd(
     ``status=3``.  The PSF's ``STATUS`` row, when present, gets the status of
     each fitted fiber and 3 for each broken one.
 
+    With ``align`` (default), before any check, every bundle's trace offset in the images is
+    measured (:func:`jaxspec._fit.align.measure_bundle_offset`, search window ``max_shift``
+    pixels) and added to the start's traces (all its fibers, broken ones too); a bundle whose
+    offset cannot be measured is flagged ``status=2`` and keeps its input coefficients.
+
     Args:
         progress: ``progress(done, total, fit)`` after every patch.
         bundle_progress: ``bundle_progress(status, nbundles)`` after every bundle.
         broken_fibers: fibers without light (:func:`jaxspec._fit.patch.check_broken_fibers`):
-            not fitted, their spots not modelled (fluxes held at 0), their coefficients the input's.
+            not fitted, their spots not modelled (fluxes held at 0), their coefficients the input's
+            (plus the bundle's alignment shift).
+        align: measure and add the start's trace offsets first (see above).
+        max_shift: the alignment's search window [pixels] on each axis.
 
     Returns:
         A :class:`CCDFit` (unpacks as ``(psf, fits)``): the fitted PSF (inverse
         trace refitted), the :class:`FitResult` of every patch (bundle-major)
-        and the per-bundle :class:`BundleStatus`.
+        and the per-bundle :class:`BundleStatus` and alignment offsets.
     """
     if not isinstance(psf_init, GaussHermitePSF):
         raise TypeError(f"PSF fitting needs a GaussHermitePSF, got {type(psf_init).__name__}")
@@ -262,20 +283,34 @@ def fit_psf_ccd(
     broken = check_broken_fibers(broken_fibers, specmin, nspec)
     edges = np.linspace(waverange[0], waverange[1], nblocks + 1)
     bundles = [np.arange(s, min(s + bundlesize, specmin + nspec)) for s in range(specmin, specmin + nspec, bundlesize)]
+    offsets, align_errors = [None] * len(bundles), {}
+    start = psf_init
+    if align:  # before any check: the start's traces shifted onto the images, bundle by bundle
+        start, offsets, align_errors = align_bundles(psf_init, arcs, flats, bundles, broken, lines=lines,
+                                                     waverange=waverange, max_shift=max_shift)
+    index = {int(b[0]): i for i, b in enumerate(bundles)}
     # every patch checked before the first is fitted
     check_keys = ("what", "trace_deg", "gh_terms", "flat_deg")
     ckw = {k: fit_kwargs[k] for k in check_keys if k in fit_kwargs}
 
     def check(fib, bb):
+        err = align_errors.get(index[int(fib[0])])
+        if err is not None:
+            raise err
         for b in range(nblocks):
-            check_patch(psf_init, arcs, flats, lines=lines, fibers=fib, waverange=(edges[b], edges[b + 1]),
+            check_patch(start, arcs, flats, lines=lines, fibers=fib, waverange=(edges[b], edges[b + 1]),
                         broken_fibers=bb, **ckw)
-        box = psf_init.xyrange((int(fib[0]), int(fib[-1]) + 1), waverange)
-        check_fiber_light(psf_init, arcs, flats, lines=lines, fibers=fib, box=box, broken_fibers=bb)
+        box = start.xyrange((int(fib[0]), int(fib[-1]) + 1), waverange)
+        check_fiber_light(start, arcs, flats, lines=lines, fibers=fib, box=box, broken_fibers=bb)
 
     pre = precheck_bundles(bundles, broken, check, specmin, bundlesize)
+    # the bundles fitted start from the aligned traces; those flagged keep the input's
     xcoef = np.array(psf_init.xcoef)
     ycoef = np.array(psf_init.ycoef)
+    xcoef_al, ycoef_al = np.asarray(start.xcoef), np.asarray(start.ycoef)
+    for ib, fib in enumerate(bundles):
+        if ib not in pre:
+            xcoef[fib], ycoef[fib] = xcoef_al[fib], ycoef_al[fib]
     pars = np.array(psf_init.params)
     fits_out: list[FitResult] = []
     status_out: list[BundleStatus] = []
@@ -290,10 +325,10 @@ def fit_psf_ccd(
         bundle = bundle_id(fib, ib, specmin, bundlesize)
         bb = fib[np.isin(fib, broken)]
         res = []
-        saved = (xcoef[fib].copy(), ycoef[fib].copy(), pars[:, fib].copy())
+        saved = (np.array(psf_init.xcoef)[fib], np.array(psf_init.ycoef)[fib], pars[:, fib].copy())  # the input's
         try:
             for b in range(nblocks):
-                fr = fit_psf(psf_init, arcs, flats, lines=lines, fibers=fib, waverange=(edges[b], edges[b + 1]),
+                fr = fit_psf(start, arcs, flats, lines=lines, fibers=fib, waverange=(edges[b], edges[b + 1]),
                              broken_fibers=bb, **fit_kwargs)
                 res.append(fr)
                 fits_out.append(fr)
@@ -317,4 +352,4 @@ def fit_psf_ccd(
             bundle_progress(st, len(bundles))
     set_status_row(psf_init, pars, status_out, broken)
     psf = eqx.tree_at(lambda p: p.params, psf_init, jnp.asarray(pars)).with_traces(jnp.asarray(xcoef), jnp.asarray(ycoef))
-    return CCDFit(psf, fits_out, status_out, broken)
+    return CCDFit(psf, fits_out, status_out, broken, offsets)

@@ -24,7 +24,7 @@ FiberIndices = Sequence[int] | Int[np.ndarray, " nfib"] | Int[jax.Array, " nfib"
 #: GH terms corrected by default (GH-1-0, GH-0-1, GH-2-0, GH-0-2 are degenerate with shifts and widths)
 DEFAULT_GH_TERMS = ("GH-1-1", "GH-3-0", "GH-2-1", "GH-1-2", "GH-0-3")
 PSF_KEYS = ("dx", "dy", "log_sigx", "log_sigy", "gh", "pc")
-LIN_KEYS = ("line_flux", "flat_amp")
+LIN_KEYS = ("line_flux", "flat_amp", "cont_amp")  # cont_amp: the arcs' continuum (calib_patch(cont_deg=))
 #: What can be fitted: the corrections of issue 7 and ``"shape"``, the full model (every
 #: GHSIGX, GHSIGY and GH-i-j coefficient as a bundle Legendre series in fiber and wavelength).
 ALL_WHAT = ("xtrace", "ytrace", "sigma", "gh", "shape")

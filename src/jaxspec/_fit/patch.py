@@ -113,6 +113,7 @@ class _Static:
     nsig: int = 0  # how many of shape_terms are widths (GHSIGX/GHSIGY): they differentiate the pixel integrals
     nq: int = 0  # stamps that may reach one band row (the gather slots of CalibPatch._placement)
     pair_cols: tuple = ()  # per fiber distance d: the band columns fiber f can share with f + d (_pair_cols)
+    ncont: int = 0  # arc continuum: Legendre terms per arc and fiber (0: not modelled), sampled at fwave
 
 
 def _round_up(n: int, m: int) -> int:
@@ -165,6 +166,7 @@ class CalibPatch(eqx.Module):
     fbasis: jnp.ndarray  # (nsamp, nbasis): lamp * dw * Legendre basis; 0 for padding
     live: jnp.ndarray  # (nf,) bool: False for a broken fiber (no light: its spots are not modelled)
     static: _Static = eqx.field(static=True)
+    cbasis: jnp.ndarray | None = None  # (nsamp, ncont): dw * Legendre basis of the arc continuum; 0 for padding
 
     # ----------------------------------------------------------- parameter vectors
     @property
@@ -175,6 +177,8 @@ class CalibPatch(eqx.Module):
             shapes["line_flux"] = (s.narc, s.nf, s.nline)
         if s.nflat:
             shapes["flat_amp"] = (s.nflat, s.nf, s.nbasis)
+        if s.ncont:
+            shapes["cont_amp"] = (s.narc, s.nf, s.ncont)
         return _Layout(shapes)
 
     @property
@@ -206,7 +210,7 @@ class CalibPatch(eqx.Module):
                 fm = dead
             elif k == "gh" and len(shp) == 2:
                 fm = np.broadcast_to(dead[None, :], shp)
-            elif k in ("line_flux", "flat_amp"):
+            elif k in ("line_flux", "flat_amp", "cont_amp"):
                 fm = np.broadcast_to(dead[None, :, None], shp)
             else:  # shared: gh (one per bundle), pc (the bundle's series)
                 continue
@@ -218,7 +222,8 @@ class CalibPatch(eqx.Module):
         """Spots of every fiber at the lines and flat samples.
 
         Returns ``{"line": (xmin, ymin, st), "flat": (xmin, ymin, st)}`` with
-        ``st`` of shape ``(nf, nline or nsamp, ny, nx)`` (padding lines and broken fibers zeroed).
+        ``st`` of shape ``(nf, nline or nsamp, ny, nx)`` (padding lines and broken fibers zeroed);
+        the ``"flat"`` samples serve the flats and the arcs' continuum.
         """
         s = self.static
         out = {}
@@ -226,7 +231,7 @@ class CalibPatch(eqx.Module):
         if s.narc:
             xmin, ymin, st = psf.spots(self.fibers[:, None], self.lwave[None, :])
             out["line"] = (xmin, ymin, jnp.where(self.lvalid[None, :, None, None] & live, st, 0.0))
-        if s.nflat:
+        if s.nflat or s.ncont:
             xmin, ymin, st = psf.spots(self.fibers[:, None], self.fwave[None, :])
             out["flat"] = (xmin, ymin, jnp.where(live, st, 0.0))
         return out
@@ -254,7 +259,9 @@ class CalibPatch(eqx.Module):
 
     def _valid(self, kind: str):
         """``(K,)`` bool: the stamps of ``kind`` that carry light (not padding)."""
-        return self.lvalid if kind == "line" else jnp.any(self.fbasis != 0, axis=1)
+        if kind == "line":
+            return self.lvalid
+        return jnp.any((self.fbasis if self.static.nflat else self.cbasis) != 0, axis=1)
 
     def _placement(self, xmin, ymin, valid, ny: int, nx: int):
         """Where each band pixel's light comes from, for :meth:`_place`.
@@ -299,21 +306,52 @@ class CalibPatch(eqx.Module):
         return self._place(self._placement(xmin, ymin, self._valid(kind), *st.shape[-2:]), st, weights)
 
     def _weights(self, params: dict) -> dict:
-        """Photons per stamp: line ``(narc, nf, nline)``, flat ``(nflat, nf, nsamp)``."""
+        """Photons per stamp: line ``(narc, nf, nline)``, flat ``(narc + nflat, nf, nsamp)`` with the
+        arcs' continuum (``ncont``) or ``(nflat, nf, nsamp)`` without."""
         out = {}
         if self.static.narc:
             out["line"] = params["line_flux"]
+        flat = []
+        if self.static.ncont:
+            flat.append(jnp.sum(params["cont_amp"][:, :, None, :] * self.cbasis[None, None], axis=-1))
         if self.static.nflat:
             # a broadcast sum, not a dot: XLA:CPU (jax 0.10.2) miscompiles the dot
             # fused into the scatter below
-            out["flat"] = jnp.sum(params["flat_amp"][:, :, None, :] * self.fbasis[None, None], axis=-1)
+            flat.append(jnp.sum(params["flat_amp"][:, :, None, :] * self.fbasis[None, None], axis=-1))
+        if flat:
+            out["flat"] = flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=0)
         return out
 
+    def _per_image(self, parts: dict):
+        """``(nimg, ...)`` from the placed ``{"line": (narc, ...), "flat": (nflat or narc + nflat, ...)}``:
+        the lines and (``ncont``) the continuum of each arc summed, then the flats."""
+        if self.static.ncont:
+            na = self.static.narc
+            return jnp.concatenate([parts["line"] + parts["flat"][:na], parts["flat"][na:]], axis=0)
+        return jnp.concatenate([parts[k] for k in ("line", "flat") if k in parts], axis=0)
+
+    def _tails_ok(self, psf: GaussHermitePSF):
+        """Whether TAILAMP >= 0 at every live stamp (a fitted tail amplitude is kept physical)."""
+        s = self.static
+        ok = jnp.asarray(True)
+        for kind, wave, valid in (("line", self.lwave, self.lvalid), ("flat", self.fwave, None)):
+            if (kind == "line" and not s.narc) or (kind == "flat" and not (s.nflat or s.ncont)):
+                continue
+            amp = psf.param("TAILAMP", self.fibers[:, None], wave[None, :])  # (nf, K)
+            use = self.live[:, None] & (self._valid(kind)[None, :] if valid is None else valid[None, :])
+            ok = ok & jnp.all(jnp.where(use, amp, 0.0) >= 0.0)
+        return ok
+
     def bands(self, params: dict):
-        """Model light of each fiber in its band: ``(nimg, nf, H, Wb)``."""
-        st = self.stamps(self.corrected_psf(params))
+        """Model light of each fiber in its band: ``(nimg, nf, H, Wb)`` (NaN where a fitted TAILAMP
+        is negative at a stamp: such a step is refused)."""
+        psf = self.corrected_psf(params)
+        st = self.stamps(psf)
         w = self._weights(params)
-        return jnp.concatenate([self._scatter_sum(k, *st[k], w[k]) for k in ("line", "flat") if k in st], axis=0)
+        out = self._per_image({k: self._scatter_sum(k, *st[k], w[k]) for k in ("line", "flat") if k in st})
+        if "TAILAMP" in self.static.shape_terms:
+            out = jnp.where(self._tails_ok(psf), out, jnp.nan)
+        return out
 
     def _free_psf(self, params: dict) -> dict:
         """The PSF variables derivatives are taken in: ``pc`` as per-fiber offsets, widths apart."""
@@ -358,7 +396,7 @@ class CalibPatch(eqx.Module):
         s = self.static
         free_all = self._free_psf(params)
         w = self._weights(params)
-        kinds = [k for k in ("line", "flat") if (k == "line" and s.narc) or (k == "flat" and s.nflat)]
+        kinds = [k for k in ("line", "flat") if (k == "line" and s.narc) or (k == "flat" and (s.nflat or s.ncont))]
 
         def stamps_of(pp):
             st = self.stamps(self._psf_of_free(pp))
@@ -418,7 +456,7 @@ class CalibPatch(eqx.Module):
                 dst[col] = {k: per_kind[k][terms.index(ij)] for k in kinds}
         nimg = s.narc + s.nflat
         pls = {k: self._placement(primal[k][0], primal[k][1], self._valid(k), *primal[k][2].shape[-2:]) for k in kinds}
-        bands = jnp.concatenate([self._place(pls[k], primal[k][2], w[k]) for k in kinds], axis=0)
+        bands = self._per_image({k: self._place(pls[k], primal[k][2], w[k]) for k in kinds})
         jac = []
         if s.colors:
             basis = {}
@@ -439,14 +477,14 @@ class CalibPatch(eqx.Module):
                     users.setdefault(col, []).append((col, key, 0))
             placed = {}
             for src, cols in users.items():
-                per_kind = []
+                per_kind = {}
                 for k in kinds:
                     wk = jnp.concatenate([w[k] if c == 0 else w[k] * basis[key][k][:, c][None, None, :]
                                           for _, key, c in cols], axis=0)  # (ncol * ne, nf, K)
                     out = self._place(pls[k], dst[src][k], wk)
-                    per_kind.append(out.reshape((len(cols), -1) + out.shape[1:]))
+                    per_kind[k] = out.reshape((len(cols), -1) + out.shape[1:])
                 for i, (col, _, _) in enumerate(cols):
-                    placed[col] = jnp.concatenate([pk[i] for pk in per_kind], axis=0)  # (nimg, nf, H, Wb)
+                    placed[col] = self._per_image({k: pk[i] for k, pk in per_kind.items()})  # (nimg, nf, H, Wb)
             jac.append(jnp.stack([placed[col] for col in s.colors], axis=-1))  # (nimg, nf, H, Wb, ncolor)
         if s.narc:
             lines = self._scatter_each(*primal["line"])  # (nf, nline, H, Wb)
@@ -457,6 +495,11 @@ class CalibPatch(eqx.Module):
             fb = self._place(pls["flat"], st, jnp.broadcast_to(self.fbasis.T[:, None, :], (s.nbasis, s.nf, s.nsamp)))
             onehot = jnp.eye(nimg, s.nflat, k=-s.narc, dtype=bands.dtype)
             jac.append(jnp.einsum("ma,bihw->mihwab", onehot, fb).reshape(nimg, s.nf, s.H, s.Wb, -1))
+        if s.ncont:  # each arc's continuum: its Legendre terms along the traces (the flat samples' spots)
+            st = primal["flat"][2]
+            cb = self._place(pls["flat"], st, jnp.broadcast_to(self.cbasis.T[:, None, :], (s.ncont, s.nf, s.nsamp)))
+            onehot = jnp.eye(nimg, s.narc, dtype=bands.dtype)
+            jac.append(jnp.einsum("ma,bihw->mihwab", onehot, cb).reshape(nimg, s.nf, s.H, s.Wb, -1))
         return bands, jnp.concatenate(jac, axis=-1)
 
     def _gh_derivatives(self, psf: GaussHermitePSF, kind: str, terms) -> list:
@@ -572,6 +615,11 @@ class CalibPatch(eqx.Module):
             for a in range(s.nflat):
                 for b in range(s.nbasis):
                     add(st + (a * nf + np.arange(nf)) * s.nbasis + b)
+        if s.ncont:
+            st = lay.slices["cont_amp"].start
+            for a in range(s.narc):
+                for b in range(s.ncont):
+                    add(st + (a * nf + np.arange(nf)) * s.ncont + b)
         return np.stack(idx, axis=1), np.stack(wts, axis=1)
 
     def pair_products(self, params: dict):
@@ -1099,6 +1147,7 @@ def calib_patch(
     pad_to: dict | None = None,
     broken_fibers: BrokenFibers = None,
     mask_neighbours: bool = False,
+    cont_deg: int | None = None,
 ) -> tuple[CalibPatch, dict]:
     """Set up one fitting patch (see :func:`fit_psf` for the arguments).
 
@@ -1116,6 +1165,10 @@ def calib_patch(
     Jacobian columns are zero), the others are fitted as usual.
     ``mask_neighbours``: give no weight to the pixels beyond the reach of the patch's own
     stamps (:func:`neighbour_mask`), where only unmodelled fibers outside the patch put light.
+    ``cont_deg``: model each arc's continuum (specex's ``--fit-continuum``): per arc and fiber a
+    Legendre series of this degree in wavelength [photons / A] over the patch's flat-sample grid
+    (``flat_dw``), spread along the trace by the PSF's spots, linear parameters ``cont_amp``
+    ``(narc, nf, cont_deg + 1)``; None (default) or no arc: not modelled.
 
     Returns:
         ``(patch, meta)``: the :class:`CalibPatch` and ``{"box": (xmin, xmax,
@@ -1127,13 +1180,14 @@ def calib_patch(
                     per_fiber_gh=per_fiber_gh, flat_deg=flat_deg, flat_lamp=flat_lamp, flat_dw=flat_dw,
                     band_margin=band_margin, bucket=bucket, shape_terms=shape_terms, legdeg_fiber=legdeg_fiber,
                     legdeg_wave=legdeg_wave, allow_no_lines=allow_no_lines, pad_to=pad_to,
-                    broken_fibers=broken_fibers, mask_neighbours=mask_neighbours)
+                    broken_fibers=broken_fibers, mask_neighbours=mask_neighbours, cont_deg=cont_deg)
     return _patch_of(psf_init, h), h["meta"]
 
 
 def _host_patch(psf_init, arcs, flats, *, lines, fibers, specmin, nspec, waverange, xyrange, what, trace_deg, gh_terms,
                 per_fiber_gh, flat_deg, flat_lamp, flat_dw, band_margin, bucket, shape_terms, legdeg_fiber,
-                legdeg_wave, allow_no_lines, pad_to, broken_fibers, mask_neighbours, data_checks=True) -> dict:
+                legdeg_wave, allow_no_lines, pad_to, broken_fibers, mask_neighbours, data_checks=True,
+                cont_deg=None) -> dict:
     """:func:`calib_patch` on the host: the patch's NumPy arrays, its :class:`_Static` and meta
     (``data_checks=False``: the images were checked before, :func:`check_patch`)."""
     fibers, box, real, plines, gh_terms = check_patch(
@@ -1174,6 +1228,10 @@ def _host_patch(psf_init, arcs, flats, *, lines, fibers, specmin, nspec, waveran
             w[:, real[1] - box[0]:] = 0.0
             inputs.append((d, w))
     narc, nflat = len(arcs), len(flats)
+    if cont_deg is not None and (isinstance(cont_deg, bool) or not isinstance(cont_deg, (int, np.integer))
+                                 or cont_deg < 0):
+        raise ValueError(f"cont_deg (the arc continuum's Legendre degree) must be an integer >= 0, got {cont_deg!r}")
+    ncont = int(cont_deg) + 1 if (cont_deg is not None and narc) else 0
 
     # the fibers' bands: every spot of fiber i over the box rows, with a margin
     rows = np.arange(box[2] - ny, box[3] + ny, dtype=float)
@@ -1193,19 +1251,23 @@ def _host_patch(psf_init, arcs, flats, *, lines, fibers, specmin, nspec, waveran
         lw = np.full(nline, float(plines.wave[0]) if len(plines) else 0.5 * (psf_init.wmin + psf_init.wmax))
         lw[: len(plines)] = plines.wave
         lv = np.arange(nline) < len(plines)
-    fw = fb = None
+    fw = fb = cb = None
     nsamp = nbasis = 0
-    if nflat:
-        lamp = flat_spectrum if flat_lamp is None else flat_lamp
+    if nflat or ncont:
         fwave = _flat_grid(psf_init, fibers, box, flat_dw)
         tt = (fwave - fwave[0]) * (2.0 / max(fwave[-1] - fwave[0], 1e-9)) - 1.0
-        basis = np.polynomial.legendre.legvander(tt, flat_deg) * (np.asarray(lamp(fwave)) * flat_dw)[:, None]
         nsamp = max(_round_up(len(fwave), 64), int(pad_to.get("nsamp", 0)))
-        nbasis = flat_deg + 1
         fw = np.full(nsamp, fwave[0])
         fw[: len(fwave)] = fwave
+    if nflat:
+        lamp = flat_spectrum if flat_lamp is None else flat_lamp
+        basis = np.polynomial.legendre.legvander(tt, flat_deg) * (np.asarray(lamp(fwave)) * flat_dw)[:, None]
+        nbasis = flat_deg + 1
         fb = np.zeros((nsamp, nbasis))
         fb[: len(fwave)] = basis
+    if ncont:  # the arcs' continuum: photons / A = sum_k cont_amp_k P_k(t), photons per sample times dw
+        cb = np.zeros((nsamp, ncont))
+        cb[: len(fwave)] = np.polynomial.legendre.legvander(tt, ncont - 1) * flat_dw
 
     waves = ([] if lw is None else [lw[lv]]) + ([] if fw is None else [fw[: len(fwave)]])
     nq = max(_slots(psf_init, fibers, waves, box[2], H), int(pad_to.get("nq", 0)))
@@ -1222,12 +1284,15 @@ def _host_patch(psf_init, arcs, flats, *, lines, fibers, specmin, nspec, waveran
         nf=nf, H=H, W=W, Wb=Wb, pad=pad, narc=narc, nflat=nflat, nline=nline, nsamp=nsamp,
         nbasis=nbasis, dmax=dmax, psf_shapes=tuple((k, tuple(v)) for k, v in pshapes.items()),
         gh_terms=gh_terms, colors=_colors(pshapes), shape_terms=sterms, nsig=nsig, nq=nq,
-        pair_cols=_pair_cols(xlo, Wb, dmax),
+        pair_cols=_pair_cols(xlo, Wb, dmax), ncont=ncont,
     )
     arrays = dict(fibers=np.asarray(fibers, np.int32), data=data, sqw=sqw, xlo=np.asarray(xlo, np.int32),
                   y0=np.asarray(box[2], np.int32), x0=np.asarray(box[0], np.int32),
                   lwave=lw if narc else np.zeros(1), lvalid=lv if narc else np.zeros(1, bool),
-                  fwave=fw if nflat else np.zeros(1), fbasis=fb if nflat else np.zeros((1, 1)), live=np.asarray(live))
+                  fwave=fw if (nflat or ncont) else np.zeros(1), fbasis=fb if nflat else np.zeros((1, 1)),
+                  live=np.asarray(live))
+    if ncont:
+        arrays["cbasis"] = cb
     return dict(arrays=arrays, static=static, meta=dict(box=box, real_box=real, lines=plines))
 
 
@@ -1303,17 +1368,21 @@ def pad_host_patch(psf: GaussHermitePSF, h: dict, sizes: dict) -> dict:
     if s.narc and nline > s.nline:
         a["lwave"] = np.concatenate([a["lwave"], np.full(nline - s.nline, a["lwave"][0])])
         a["lvalid"] = np.concatenate([a["lvalid"], np.zeros(nline - s.nline, bool)])
-    if s.nflat and nsamp > s.nsamp:
+    if (s.nflat or s.ncont) and nsamp > s.nsamp:
         a["fwave"] = np.concatenate([a["fwave"], np.full(nsamp - s.nsamp, a["fwave"][0])])
-        a["fbasis"] = np.concatenate([a["fbasis"], np.zeros((nsamp - s.nsamp, s.nbasis))])
+        if s.nflat:
+            a["fbasis"] = np.concatenate([a["fbasis"], np.zeros((nsamp - s.nsamp, s.nbasis))])
+        if s.ncont:
+            a["cbasis"] = np.concatenate([a["cbasis"], np.zeros((nsamp - s.nsamp, s.ncont))])
     nq = s.nq
     if H > s.H:
-        waves = ([a["lwave"][a["lvalid"]]] if s.narc else []) + ([a["fwave"][np.any(a["fbasis"] != 0, axis=1)]]
-                                                                  if s.nflat else [])
+        fvalid = np.any((a["fbasis"] if s.nflat else a.get("cbasis", a["fbasis"])) != 0, axis=1)
+        waves = ([a["lwave"][a["lvalid"]]] if s.narc else []) + ([a["fwave"][fvalid]] if (s.nflat or s.ncont)
+                                                                  else [])
         nq = max(nq, _slots(psf, a["fibers"], waves, int(a["y0"]), H))
     dmax = max(s.dmax, _dmax(a["xlo"], Wb))
     static = dataclasses.replace(s, H=H, W=W, Wb=Wb, pad=Wb, nline=nline if s.narc else 0,
-                                 nsamp=nsamp if s.nflat else 0, dmax=dmax, nq=nq,
+                                 nsamp=nsamp if (s.nflat or s.ncont) else 0, dmax=dmax, nq=nq,
                                  pair_cols=_pair_cols(a["xlo"], Wb, dmax))
     box = h["meta"]["box"]
     meta = dict(h["meta"], box=(box[0], box[0] + W, box[2], box[2] + H))

@@ -217,7 +217,8 @@ class CalibImage:
         specmin, nspec: the lit fibers.
         lines: the arc lines (arcs) or None.
         line_photons: (nspec, nline) photons of each line in each fiber (arcs).
-        wave, flux: (nwave,) grid and (nspec, nwave) photons / A (flats).
+        wave, flux: (nwave,) grid and (nspec, nwave) photons / A (flats; arcs: their continuum, when
+            one was simulated).
     """
 
     image: np.ndarray
@@ -262,6 +263,8 @@ def simulate_arc(
     throughput: np.ndarray | float | None = None,
     readnoise: float = 3.0,
     seed: int = 0,
+    continuum=None,
+    dw: float = 0.5,
 ) -> CalibImage:
     """Simulate an arc-lamp exposure: lines of ``lines`` in every lit fiber.
 
@@ -288,6 +291,10 @@ def simulate_arc(
         throughput: per-fiber throughput, (nspec,) or a scalar.
         readnoise: Gaussian read noise [electrons].
         seed: random seed.
+        continuum: the lamp's faint continuum under the lines, photons / A of a fiber of
+            throughput 1: a number or a function of wavelength [A] (None: no continuum); sampled
+            every ``dw`` A as :func:`simulate_flat` does and stored in ``wave``, ``flux``.
+        dw: sampling step of the continuum [A].
 
     Returns:
         A :class:`CalibImage` (image, ivar, noiseless model, lines and photons per fiber).
@@ -305,10 +312,20 @@ def simulate_arc(
     phot = peak_photons * np.outer(throughput, lines.flux / lines.flux.max())
     box = _box(psf, xyrange)
     model = np.asarray(project(psf, jnp.asarray(lines.wave), jnp.asarray(phot), specmin=specmin, xyrange=box))
+    wave = flux = None
+    if continuum is not None:
+        if not dw > 0:
+            raise ValueError(f"dw must be positive, got {dw}")
+        wave = flat_wave_grid(psf, specmin, nspec, box, dw)
+        level = continuum(wave) if callable(continuum) else np.full(wave.shape, float(continuum))
+        level = np.broadcast_to(np.asarray(level, float), wave.shape)
+        flux = throughput[:, None] * level[None, :]
+        model = model + np.asarray(project(psf, jnp.asarray(wave), jnp.asarray(flux * dw), specmin=specmin,
+                                           xyrange=box))
     image, ivar = _noisy(model, readnoise, rng)
     return CalibImage(
         image=image, ivar=ivar, kind="arc", xyrange=box, model=model, specmin=specmin, nspec=nspec,
-        lines=lines, line_photons=phot,
+        lines=lines, line_photons=phot, wave=wave, flux=flux,
     )
 
 
