@@ -15,7 +15,6 @@ the images lie at (+3.4, -2.7) px from it (a new night: the CCD moved):
   true traces with the alignment (default) and do not without it.
 """
 
-import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -55,11 +54,10 @@ def sim(psf_path):
 
 def test_offsets_recovered_from_flat_and_arcs(sim):
     """(+3.4, -2.7) px recovered within 0.02 px from flat + arc, from the arc alone, and (x) from the
-    flat alone; each bundle in well under a second; the aligned traces equal the truth's."""
+    flat alone; the aligned traces equal the truth's (its cost is a benchmark's business: 0.1-0.3 s
+    a bundle here on the 2-core machine, ~0.45 s for a full-CCD bundle on the H200's host)."""
     kw = dict(lines=sim["lines"], fibers=sim["fibers"], waverange=WR)
-    t0 = time.perf_counter()
     both = measure_bundle_offset(sim["start"], [sim["arc"]], [sim["flat"]], **kw)
-    seconds = time.perf_counter() - t0
     arc_only = measure_bundle_offset(sim["start"], [sim["arc"]], [], **kw)
     flat_only = measure_bundle_offset(sim["start"], [], [sim["flat"]], **kw)
     assert (both.x_from, both.y_from, arc_only.x_from, arc_only.y_from) == ("flat", "arc", "arc", "arc")
@@ -68,7 +66,6 @@ def test_offsets_recovered_from_flat_and_arcs(sim):
         assert off.snr_x > 100 and off.snr_y > 100
     assert abs(flat_only.dx - SHIFT[0]) < 0.02 and flat_only.y_from == "" and flat_only.dy == 0.0
     assert 0.02 < both.contrast_x < 0.2  # one end fiber of 25 fewer at one fiber pitch (measured 0.04)
-    assert seconds < 2.0  # measured 0.1-0.3 s on the loaded 2-core machine
     aligned = apply_trace_offsets(sim["start"], [both])
     f, w = sim["fibers"][:, None], np.linspace(WR[0], WR[1], 7)[None, :]
     truth = sim["truth"]
