@@ -55,8 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._simulation.calib import LineList
-from ..psf._gausshermite import GaussHermitePSF
-from ..psf._normal_dist import _COEF, _SCALE, _T0
+from ..psf._gausshermite import GaussHermitePSF, pixel_gauss_hermite_of
 from .patch import BrokenFibers, BundleInputError, _as_input, _host_wavelength, _host_x, _host_y, check_broken_fibers
 
 __all__ = ["TraceOffset", "apply_trace_offsets", "measure_bundle_offset", "measure_trace_offsets"]
@@ -71,7 +70,6 @@ _MIN_SNR = 10.0
 _TOOTH_FRACTION = 0.25
 #: a fiber has light at the best offset when its correlation exceeds this fraction of the brightest's
 _LIT_FRACTION = 0.1
-_INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,30 +111,10 @@ class TraceOffset:
 
 
 # ---------------------------------------------------------------- host Gauss-Hermite profiles
-def _normal_cdf_pdf(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(Phi(u), phi(u))`` in NumPy (the polynomial of :mod:`jaxspec.psf._normal_dist`)."""
-    phi = np.exp(-0.5 * u * u) * _INV_SQRT2PI
-    t = 1.0 / (1.0 + np.abs(u) * (1.0 / _SCALE))
-    s = (np.maximum(t, _T0) - _T0) * (2.0 / (1.0 - _T0)) - 1.0
-    p = np.full_like(u, _COEF[-1])
-    for c in _COEF[-2::-1]:
-        p = p * s + c
-    q = phi * t * p
-    return np.where(u < 0, q, 1.0 - q), phi
-
-
 def _pixel_gh(lo: np.ndarray, centre: np.ndarray, sigma: np.ndarray, n: int, deg: int) -> np.ndarray:
-    """Pixel-integrated Gauss-Hermite functions of orders ``0 .. deg`` on pixels ``lo .. lo + n - 1``
-    (NumPy, as :func:`jaxspec.psf._gausshermite.pixel_gauss_hermite`): ``S + (deg + 1, n)``."""
-    edges = lo[..., None] - 0.5 + np.arange(n + 1, dtype=float)
-    u = (edges - centre[..., None]) / sigma[..., None]
-    cdf, phi = _normal_cdf_pdf(u)
-    prims = [cdf]
-    hm1, h = np.zeros_like(u), np.ones_like(u)
-    for m in range(1, deg + 1):
-        prims.append(-h * phi)
-        hm1, h = h, u * h - (m - 1) * hm1
-    return np.diff(np.stack(prims, axis=-2), axis=-1)
+    """Pixel-integrated Gauss-Hermite functions of orders ``0 .. deg`` on pixels ``lo .. lo + n - 1``,
+    in NumPy (:func:`jaxspec.psf._gausshermite.pixel_gauss_hermite_of`): ``S + (deg + 1, n)``."""
+    return pixel_gauss_hermite_of(lo, centre, sigma, n, deg, np)
 
 
 def _host_params(psf: "_Host", names: Sequence[str], fibers: np.ndarray, wave: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 
 from ._base import PSF, wave_limit_field
 from ._legendre import fit_inverse, traceset_eval, traceset_eval_many
-from ._normal_dist import normal_cdf_pdf
+from ._normal_dist import normal_cdf_pdf, normal_cdf_pdf_of
 
 _TAIL_NAMES = ("TAILAMP", "TAILCORE", "TAILXSCA", "TAILYSCA", "TAILINDE")
 
@@ -36,17 +36,24 @@ def pixel_gauss_hermite(
     edges (``He`` probabilists' Hermite polynomials, ``u = (edge - centre) / sigma``).
     The density and distribution at each edge share one ``exp`` (:mod:`._normal_dist`).
     """
-    steps = jnp.arange(n + 1, dtype=centre.dtype).reshape((1,) * lo.ndim + (n + 1,))
+    return pixel_gauss_hermite_of(lo, centre, sigma, n, deg, jnp)
+
+
+def pixel_gauss_hermite_of(lo, centre, sigma, n: int, deg: int, xp=jnp):
+    """:func:`pixel_gauss_hermite` computed with the array module ``xp`` (``numpy`` for host
+    code: the same arithmetic, no tracing): ``lo``, ``centre``, ``sigma`` of one shape ``S``,
+    returns ``S + (deg + 1, n)``."""
+    steps = xp.arange(n + 1, dtype=centre.dtype).reshape((1,) * lo.ndim + (n + 1,))
     edges = lo[..., None].astype(centre.dtype) - 0.5 + steps
     u = (edges - centre[..., None]) / sigma[..., None]
-    cdf, phi = normal_cdf_pdf(u)
+    cdf, phi = normal_cdf_pdf(u) if xp is jnp else normal_cdf_pdf_of(u, xp)
     # antiderivative of each order at the edges; the pixel values are their differences
     prims = [cdf]
-    hm1, h = jnp.zeros_like(u), jnp.ones_like(u)  # He_{-1}, He_0
+    hm1, h = xp.zeros_like(u), xp.ones_like(u)  # He_{-1}, He_0
     for m in range(1, deg + 1):
         prims.append(-h * phi)  # uses He_{m-1}
         hm1, h = h, u * h - (m - 1) * hm1
-    return jnp.diff(jnp.stack(prims, axis=-2), axis=-1)
+    return xp.diff(xp.stack(prims, axis=-2), axis=-1)
 
 
 class GaussHermitePSF(PSF):

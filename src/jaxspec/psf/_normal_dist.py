@@ -50,14 +50,23 @@ _COEF = (
 )
 
 
-def _mills_ratio(a: Float[Array, "..."]) -> Float[Array, "..."]:
-    """``Q(a) / phi(a)`` for ``a >= 0`` (clamped beyond the fitted range)."""
+def _mills_ratio(a, xp=jnp):
+    """``Q(a) / phi(a)`` for ``a >= 0`` (clamped beyond the fitted range); ``xp``: the array
+    module (``jax.numpy``, or ``numpy`` for host code: the same arithmetic)."""
     t = 1.0 / (1.0 + a * (1.0 / _SCALE))
-    s = (jnp.maximum(t, _T0) - _T0) * (2.0 / (1.0 - _T0)) - 1.0
+    s = (xp.maximum(t, _T0) - _T0) * (2.0 / (1.0 - _T0)) - 1.0
     p = _COEF[-1]
     for c in _COEF[-2::-1]:  # Horner: the monomial form is well conditioned (sum |c| = 1.25)
         p = p * s + c
     return t * p
+
+
+def normal_cdf_pdf_of(u, xp=jnp):
+    """``(Phi(u), phi(u))`` computed with the array module ``xp``: :func:`normal_cdf_pdf`'s
+    arithmetic, for host code as ``normal_cdf_pdf_of(u, numpy)`` (no tracing, no compilation)."""
+    phi = xp.exp(-0.5 * u * u) * _INV_SQRT2PI
+    q = phi * _mills_ratio(xp.abs(u), xp)
+    return xp.where(u < 0, q, 1.0 - q), phi
 
 
 @jax.custom_jvp
@@ -67,9 +76,7 @@ def normal_cdf_pdf(u: Float[ArrayLike, "..."]) -> tuple[Float[Array, "..."], Flo
     Absolute error of ``Phi`` below 4e-16; derivatives are exact
     (``dPhi = phi du``, ``dphi = -u phi du``).
     """
-    phi = jnp.exp(-0.5 * u * u) * _INV_SQRT2PI
-    q = phi * _mills_ratio(jnp.abs(u))
-    return jnp.where(u < 0, q, 1.0 - q), phi
+    return normal_cdf_pdf_of(u, jnp)
 
 
 @normal_cdf_pdf.defjvp
